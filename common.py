@@ -1,0 +1,300 @@
+"""
+Pieces every stage of the pipeline shares, each defined once:
+command-line overrides, seeding, datasets on disk, losses, checkpoints, greedy accuracy.
+"""
+import ast
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line with the fix, never as a traceback."""
+
+
+def fail(message):
+    """Exit with a one-line error (used by the scripts' __main__ guards)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration: constants at the top of a script, overridden by --key=value on the command line
+
+def apply_overrides(config, argv):
+    """nanoGPT-style overrides. `config` is a script's globals(); every --key=value must name an
+    existing constant, and the value is parsed as a Python literal of the same type
+    (strings may be given bare: --out_dir=out/run1)."""
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"cannot parse argument {arg!r}: use --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key not in config or key.startswith("_"):
+            raise UserError(f"unknown setting --{key}: see the constants at the top of the script")
+        old = config[key]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string
+        if isinstance(old, bool) and not isinstance(value, bool):
+            raise UserError(f"--{key} expects True or False, got {text!r}")
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if old is not None and value is not None and type(value) is not type(old):
+            if isinstance(old, str):
+                value = text  # e.g. --dataset=123 meant the string
+            else:
+                raise UserError(f"--{key} expects a {type(old).__name__}, got {text!r}")
+        config[key] = value
+
+
+def config_snapshot(config, keys):
+    """The settings a run used, as plain JSON-able values (stored in checkpoints and logs)."""
+    return {k: config[k] for k in keys}
+
+
+def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=0.0):
+    """Linear warmup to peak_lr, then constant or cosine decay to min_lr at total_steps."""
+    if schedule not in ("constant", "cosine"):
+        raise UserError(f"--schedule={schedule!r} must be constant or cosine")
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return np.random.default_rng(seed)
+
+
+def pick_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic file writes: write a temporary file next to the target, then rename over it. A crash
+# leaves either the old file or the new one, never half of one.
+
+def atomic_write_text(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets on disk: data/<name>/{train,val}.bin (uint16 token ids) + meta.json
+#
+# Two layouts, told apart by meta["row_len"]:
+# - rows (toy tasks): the file is a stack of fixed-length sequences, each starting with its task's
+#   BOS token; a training sequence is one row.
+# - stream (text): one long token stream; a training sequence is a window of block_size tokens
+#   whose first token is overwritten by the dataset id token (paper convention: English 0,
+#   Spanish 1). The same token is the prompt for self-generated replay.
+
+class Dataset:
+    def __init__(self, name):
+        # a name is a folder under data/ ("arithmetic/add") or any folder path holding meta.json
+        self.name = name
+        self.dir = name if os.path.isabs(name) else os.path.join(DATA_DIR, name)
+        meta_path = os.path.join(self.dir, "meta.json")
+        if not os.path.exists(meta_path):
+            raise UserError(f"{meta_path} not found: run the prepare.py script of that dataset first "
+                            f"(e.g. python data/arithmetic/prepare.py)")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.row_len = self.meta.get("row_len")
+        self.dataset_token = self.meta["dataset_token"]
+        self.splits = {}
+        for split in ("train", "val"):
+            path = os.path.join(self.dir, f"{split}.bin")
+            if not os.path.exists(path) or os.path.getsize(path) == 0:
+                raise UserError(f"{path} is missing or empty: re-run the prepare.py script of {name}")
+            tokens = np.fromfile(path, dtype=np.uint16)
+            if self.row_len:
+                if len(tokens) % self.row_len:
+                    raise UserError(f"{path} is truncated (not a whole number of {self.row_len}-token rows): "
+                                    f"re-run the prepare.py script of {name}")
+                tokens = tokens.reshape(-1, self.row_len)
+            self.splits[split] = tokens
+
+    @property
+    def short_name(self):
+        return self.name.rstrip("/").split("/")[-1]
+
+    def seq_len(self, block_size):
+        return self.row_len or block_size
+
+    def sample(self, split, batch_size, block_size, rng):
+        """A random batch of training sequences, (batch_size, T) int64."""
+        data = self.splits[split]
+        if self.row_len:
+            return torch.from_numpy(data[rng.integers(0, len(data), batch_size)].astype(np.int64))
+        starts = rng.integers(0, len(data) - block_size + 1, batch_size)
+        x = np.stack([data[s:s + block_size] for s in starts]).astype(np.int64)
+        x[:, 0] = self.dataset_token
+        return torch.from_numpy(x)
+
+    def eval_batches(self, split, batch_size, block_size, max_sequences):
+        """The same fixed sequences every call (the first max_sequences rows / windows), so
+        validation numbers are comparable across steps and runs."""
+        data = self.splits[split]
+        if self.row_len:
+            rows = data[:max_sequences].astype(np.int64)
+        else:
+            n = min(max_sequences, len(data) // block_size)
+            rows = data[:n * block_size].astype(np.int64).reshape(n, block_size)
+            rows[:, 0] = self.dataset_token
+        for i in range(0, len(rows), batch_size):
+            yield torch.from_numpy(rows[i:i + batch_size])
+
+
+def load_corpus(path):
+    """Read a replay corpus written by sample_replay.py: (N, T) int64 tokens and its metadata."""
+    if not os.path.exists(path):
+        raise UserError(f"replay corpus {path} not found: run sample_replay.py --out={path} first")
+    try:
+        corpus = torch.load(path, map_location="cpu", weights_only=True)
+        tokens, meta = corpus["tokens"], corpus["meta"]
+    except Exception:
+        raise UserError(f"{path} is not a replay corpus written by sample_replay.py: re-sample it") from None
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise UserError(f"replay corpus {path} holds no sequences: re-sample it")
+    return tokens.long(), meta
+
+
+def sample_mixture(datasets, fractions, batch_size, block_size, rng, split="train"):
+    """One batch drawn from several datasets at fixed fractions (rows per dataset are rounded,
+    the remainder goes to the first dataset so the batch size is exact)."""
+    counts = [int(round(f * batch_size)) for f in fractions]
+    counts[0] += batch_size - sum(counts)
+    parts = [d.sample(split, n, block_size, rng) for d, n in zip(datasets, counts) if n > 0]
+    return torch.cat(parts)[torch.from_numpy(rng.permutation(batch_size))]
+
+
+def check_compatible(dataset_meta, model_config, where):
+    """Refuse to train or evaluate a model on data from another vocabulary or longer rows."""
+    if dataset_meta["vocab_size"] > model_config["vocab_size"]:
+        raise UserError(f"{where}: vocab_size {dataset_meta['vocab_size']} of the data exceeds the "
+                        f"model's {model_config['vocab_size']}: use a checkpoint trained with this tokenizer")
+    row_len = dataset_meta.get("row_len")
+    if row_len and row_len > model_config["block_size"]:
+        raise UserError(f"{where}: rows of {row_len} tokens exceed the model's block_size "
+                        f"{model_config['block_size']}: pretrain with --block_size={row_len} or more")
+
+
+# ----------------------------------------------------------------------------------------------
+# losses. Position t predicts token t+1; the last position has no target and is masked.
+# log-softmax always in float32.
+
+def ntp_loss(logits, tokens):
+    V = logits.size(-1)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1))
+
+
+def kl_loss(student_logits, teacher_logits):
+    """KL(teacher || student) = sum_v pi(v) (log pi(v) - log theta(v)), summed over the vocabulary
+    and averaged over positions. (F.kl_div with reduction='mean' would also divide by V: wrong.)"""
+    log_student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
+    log_teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
+    return (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: {"model": state_dict, "model_config": dict, "data": {dataset: meta}, "config": dict,
+# "step": int, ...}. Plain tensors and Python literals only, so they load with weights_only=True:
+# a checkpoint is data and can never run code.
+
+def save_checkpoint(path, model, **fields):
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"model": state, "model_config": model.config.to_dict(), **fields}, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Returns (model, checkpoint dict)."""
+    from model import GPT, GPTConfig
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} not found: run pretrain.py (or the stage before) first")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} could not be loaded safely ({type(e).__name__}): "
+                        f"it is corrupt or not a nanoreplay checkpoint; re-create it") from None
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation helpers
+
+@torch.no_grad()
+def eval_loss(model, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu"):
+    """Mean next-token loss on the fixed validation sequences."""
+    total, count = 0.0, 0
+    for x in dataset.eval_batches("val", batch_size, block_size, max_sequences):
+        x = x.to(device)
+        total += ntp_loss(model(x), x).item() * len(x)
+        count += len(x)
+    return total / count
+
+
+@torch.no_grad()
+def eval_kl(model, reference, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu"):
+    """Mean KL(reference || model) on the fixed validation sequences."""
+    total, count = 0.0, 0
+    for x in dataset.eval_batches("val", batch_size, block_size, max_sequences):
+        x = x.to(device)
+        total += kl_loss(model(x), reference(x)).item() * len(x)
+        count += len(x)
+    return total / count
+
+
+@torch.no_grad()
+def answer_accuracy(model, dataset, batch_size=512, max_sequences=2048, device="cpu"):
+    """Exact-match accuracy of greedy decoding on a toy task's validation rows: the model is given
+    each row up to the answer and must produce the whole answer span (answer digits and eos)."""
+    start, end = dataset.meta["answer_start"], dataset.meta["answer_end"]
+    correct, count = 0, 0
+    for x in dataset.eval_batches("val", batch_size, None, max_sequences):
+        x = x.to(device)
+        out = model.generate(x[:, :start], end - start, temperature=0)
+        correct += (out[:, start:end] == x[:, start:end]).all(dim=1).sum().item()
+        count += len(x)
+    return correct / count

@@ -1,0 +1,215 @@
+"""
+The one GPT definition of nanoreplay, in the architecture of the paper we reproduce
+(Marek et al., "Forgetting in Language Models", arXiv 2605.26097):
+
+- pre-norm blocks; RMSNorm *without* a learnable gain (eps 1e-6) on block inputs, on queries and
+  keys (QK-norm, per head) and before the output head;
+- rotary position embeddings (RoPE, theta 10_000) applied to q and k after QK-norm;
+- MLP: Linear(D, 4D) -> tanh-approximate GELU -> Linear(4D, D);
+- no biases anywhere, untied input and output embeddings;
+- init: normal(0, D^-0.5) everywhere except the MLP down-projection, normal(0, (4D)^-0.5).
+
+Naming: `width` is the residual width D, `depth` the number of blocks L, and `head_dim` the size of
+one attention head. The number of heads is derived (`width // head_dim`). The paper's config calls
+the head size "H", which is easy to misread as a head count; here nothing is called H.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256   # longest sequence the model sees (RoPE table and KV cache size)
+    width: int = 256        # D, the residual stream width
+    depth: int = 6          # L, the number of transformer blocks
+    head_dim: int = 64      # size of one attention head; n_heads = width // head_dim
+
+    @property
+    def n_heads(self):
+        return self.width // self.head_dim
+
+    def __post_init__(self):
+        if self.width % self.head_dim != 0:
+            raise ValueError(f"width={self.width} is not a multiple of head_dim={self.head_dim}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def rms_norm(x, eps=1e-6):
+    # the paper's RMSNorm has no gain: a pure normalisation, nothing to learn
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def causal_attention(q, k, v):
+    """Causal self-attention, the single place attention is computed.
+
+    q: (B, heads, Tq, head_dim), k and v: (B, heads, Tk, head_dim) with Tq <= Tk. The Tq queries are
+    the *last* Tq positions of the Tk keys (this covers training, where Tq == Tk, and KV-cache
+    decoding, where new queries attend to everything cached before them).
+    """
+    Tq, Tk = q.size(-2), k.size(-2)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if Tq == 1:  # one new token may look at every cached position: no mask needed
+        return F.scaled_dot_product_attention(q, k, v)
+    # a chunk of new queries on top of a cache: query i sits at absolute position Tk - Tq + i
+    q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    k_pos = torch.arange(Tk, device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+
+
+def rope_tables(block_size, head_dim, theta=10_000.0):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # rotate pairs (first half, second half) of every head by a position-dependent angle
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: one (B, heads, block_size, head_dim)
+    buffer per layer, filled left to right. `length` is how many positions hold valid entries."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_heads, config.block_size, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
+        self.length = 0
+
+    def update(self, layer, k, v):
+        start, end = self.length, self.length + k.size(-2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.qkv = nn.Linear(config.width, 3 * config.width, bias=False)
+        self.out = nn.Linear(config.width, config.width, bias=False)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        heads = lambda t: t.view(B, T, self.config.n_heads, self.config.head_dim).transpose(1, 2)
+        q, k, v = heads(q), heads(k), heads(v)
+        q, k = rms_norm(q), rms_norm(k)  # QK-norm keeps attention logits bounded
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        y = causal_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.up = nn.Linear(config.width, 4 * config.width, bias=False)
+        self.down = nn.Linear(4 * config.width, config.width, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.attn = Attention(config, layer_index)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(rms_norm(x), cos, sin, cache)
+        x = x + self.mlp(rms_norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.width)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.depth)])
+        self.unembed = nn.Linear(config.width, config.vocab_size, bias=False)
+        cos, sin = rope_tables(config.block_size, config.head_dim)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.config.width ** -0.5
+        for name, p in self.named_parameters():
+            # the MLP down-projection reads a 4D-wide input, so it gets the (4D)^-0.5 scale
+            nn.init.normal_(p, mean=0.0, std=(4 * self.config.width) ** -0.5 if name.endswith("mlp.down.weight") else std)
+
+    def forward(self, idx, cache=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab_size). With a cache, idx holds only the new
+        tokens, which continue the sequence at position cache.length."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
+        return self.unembed(rms_norm(x))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Continue every row of idx (B, T0) by max_new_tokens tokens, decoding one token at a time
+        with a KV cache. temperature=0 means greedy; top_k=None samples from the full distribution
+        (what self-generated replay wants: the model's own distribution, untruncated)."""
+        total = idx.size(1) + max_new_tokens
+        if total > self.config.block_size:
+            raise ValueError(f"prompt + new tokens = {total} exceeds block_size={self.config.block_size}")
+        cache = KVCache(self.config, idx.size(0), idx.device, self.embed.weight.dtype)
+        out = torch.empty(idx.size(0), total, dtype=idx.dtype, device=idx.device)
+        out[:, :idx.size(1)] = idx
+        logits = self(idx, cache)[:, -1]
+        for pos in range(idx.size(1), total):
+            out[:, pos] = sample_next(logits, temperature, top_k, generator)
+            if pos + 1 < total:
+                logits = self(out[:, pos:pos + 1], cache)[:, -1]
+        return out
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """Pick one token per row from (B, V) logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def count_parameters(model):
+    """Returns (actual parameter count, the paper's formula 12*L*D^2 + D*V).
+
+    The formula counts attention (4 D^2) and MLP (8 D^2) weights per block plus one D x V
+    embedding; the actual count also includes the second (untied) embedding. The paper uses the
+    formula for tokens-per-parameter, and so do we."""
+    c = model.config
+    actual = sum(p.numel() for p in model.parameters())
+    paper = 12 * c.depth * c.width ** 2 + c.width * c.vocab_size
+    return actual, paper

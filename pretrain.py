@@ -1,0 +1,169 @@
+"""
+Stage 1: pretrain a GPT from scratch, to saturation, on one dataset or a mixture.
+
+    python pretrain.py                                   # toy: 2-layer model on the `add` task
+    python pretrain.py --datasets=arithmetic/add,arithmetic/sort --mixture=0.5,0.5
+    python pretrain.py --max_steps=500 --out_dir=out/quick
+
+Every constant below can be overridden with --key=value. The run writes out_dir/ckpt.pt (weights,
+model config, data metadata, optimizer state) and out_dir/log.jsonl (one line per evaluation).
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import (Dataset, UserError, apply_overrides, answer_accuracy, append_jsonl, check_compatible,
+                    config_snapshot, eval_loss, fail, lr_at, ntp_loss, pick_device, sample_mixture, save_checkpoint,
+                    set_seed)
+from model import GPT, GPTConfig, count_parameters
+
+# -- I/O
+out_dir = "out/pretrain_add"
+datasets = "arithmetic/add"      # comma-separated dataset names under data/
+mixture = ""                     # comma-separated fractions, same order as datasets; "" = equal shares
+eval_datasets = ""               # extra datasets to evaluate (not train on), e.g. tasks still to come
+# -- model (the toy default; the paper's text model is width=256 depth=6 head_dim=64 block_size=256)
+width = 128                      # D, residual width
+depth = 2                        # L, number of blocks
+head_dim = 16                    # size of one attention head (heads = width // head_dim)
+block_size = 0                   # 0 = the row length of toy data, else 256 for text
+# -- optimisation (AdamW as in the paper: b1 0.9, weight decay 0.02 on every parameter)
+batch_size = 256
+learning_rate = 3e-3
+warmup_steps = 100
+schedule = "cosine"              # "constant" after warmup, or "cosine" decay to min_lr at the last step
+min_lr = 0.0
+beta1 = 0.9
+beta2 = 0.99
+weight_decay = 0.02
+# -- when to stop: the first limit reached wins (0 = no such limit)
+max_steps = 800
+max_tokens = 0
+tokens_per_param = 0.0           # tokens / (12 L D^2 + D V), the paper's saturation axis
+target_val_loss = 0.0            # stop once the mean validation loss is at or below this
+target_accuracy = 0.0            # toy tasks: stop once every dataset's greedy accuracy reaches this
+# -- evaluation
+eval_interval = 100
+eval_sequences = 1024            # validation sequences per dataset for loss (and accuracy on toy tasks)
+# -- system
+device = "auto"                  # "auto" = cuda if available, else cpu
+compile = False                  # torch.compile the training step (measured: see README)
+dtype = "float32"                # "bfloat16" = autocast matmuls to bf16
+seed = 1337
+
+SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (int, float, str, bool))]
+
+
+def main():
+    dev = pick_device(device)
+    rng = set_seed(seed)
+    names = [n for n in datasets.split(",") if n]
+    data = [Dataset(n) for n in names]
+    fractions = [float(f) for f in mixture.split(",")] if mixture else [1.0 / len(data)] * len(data)
+    if len(fractions) != len(data) or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise UserError(f"--mixture={mixture!r} must give one non-negative fraction per dataset, summing to 1")
+    tokenizers = {d.meta["tokenizer"] for d in data}
+    if len(tokenizers) > 1:
+        raise UserError(f"datasets {names} come from different tokenizers {sorted(tokenizers)}: re-prepare them together")
+    row_lens = {d.row_len for d in data}
+    if len(row_lens) > 1:
+        raise UserError(f"datasets {names} mix row lengths {row_lens}: use datasets of one layout")
+    T = block_size or data[0].row_len or 256
+    config = GPTConfig(vocab_size=data[0].meta["vocab_size"], block_size=T, width=width, depth=depth, head_dim=head_dim)
+    for d in data:
+        check_compatible(d.meta, config.to_dict(), d.dir)
+    seq_len = data[0].seq_len(T)
+    extra = [Dataset(n) for n in eval_datasets.split(",") if n and n not in names]
+
+    model = GPT(config).to(dev)
+    n_actual, n_paper = count_parameters(model)
+    tokens_per_step = batch_size * seq_len
+    limits = [max_steps] if max_steps else []
+    if max_tokens:
+        limits.append(math.ceil(max_tokens / tokens_per_step))
+    if tokens_per_param:
+        limits.append(math.ceil(tokens_per_param * n_paper / tokens_per_step))
+    if not limits:
+        raise UserError("no stopping rule: set --max_steps, --max_tokens or --tokens_per_param")
+    total_steps = min(limits)
+    print(f"model: width {width}, depth {depth}, {config.n_heads} heads of {head_dim}, block {T}; "
+          f"{n_actual:,} parameters ({n_paper:,} by 12LD^2+DV)")
+    print(f"data: {', '.join(f'{n} ({f:.0%})' for n, f in zip(names, fractions))}; "
+          f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    train_model = torch.compile(model) if compile else model
+    autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    run_config = config_snapshot(globals(), SETTINGS)
+
+    def evaluate(step, train_loss, t0):
+        model.eval()
+        record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
+                  "seconds": round(time.time() - t0, 2)}
+        for d in data + extra:
+            record[f"val_loss/{d.short_name}"] = eval_loss(model, d, T, max_sequences=eval_sequences, device=dev)
+            if "answer_start" in d.meta:
+                record[f"accuracy/{d.short_name}"] = answer_accuracy(model, d, max_sequences=eval_sequences, device=dev)
+        model.train()
+        append_jsonl(log_path, record)
+        return record
+
+    t0 = time.time()
+    evaluate(0, None, t0)  # the untrained model, so curves start at chance
+    pbar = tqdm(range(total_steps), desc="pretrain", dynamic_ncols=True)
+    for step in pbar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr)
+        x = sample_mixture(data, fractions, batch_size, T, rng).to(dev)
+        with autocast:
+            loss = ntp_loss(train_model(x), x)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {loss.item()} at step {step}: lower --learning_rate; "
+                            f"the last good checkpoint is {ckpt_path}")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss.item()
+        pbar.set_postfix(loss=f"{train_loss:.4f}")
+
+        last = step + 1 == total_steps
+        if (step + 1) % eval_interval == 0 or last:
+            record = evaluate(step + 1, train_loss, t0)
+            shown = {k: round(v, 4) for k, v in record.items() if "/" in k}
+            tqdm.write(f"step {step + 1}: {shown}")
+            save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
+                            step=step + 1, optimizer=optimizer.state_dict())
+            trained = [d.short_name for d in data]
+            val_losses = [record[f"val_loss/{n}"] for n in trained]
+            accuracies = [record[f"accuracy/{n}"] for n in trained if f"accuracy/{n}" in record]
+            if target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss:
+                tqdm.write(f"target validation loss {target_val_loss} reached")
+                break
+            if target_accuracy and accuracies and min(accuracies) >= target_accuracy:
+                tqdm.write(f"target accuracy {target_accuracy} reached")
+                break
+    pbar.close()
+    print(f"done in {time.time() - t0:.1f}s, {record['step']} steps; checkpoint {ckpt_path}")
+    for key, value in record.items():
+        if key.startswith("accuracy/"):
+            print(f"{key.split('/')[1]} validation accuracy (greedy exact match): {value:.4f}")
+        elif key.startswith("val_loss/"):
+            print(f"{key.split('/')[1]} validation loss: {value:.4f}")
+
+
+if __name__ == "__main__":
+    try:
+        apply_overrides(globals(), sys.argv[1:])
+        main()
+    except UserError as e:
+        fail(e)
