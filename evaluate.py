@@ -1,4 +1,116 @@
-"""Placeholder: this stage arrives with the issue "Self-generated replay end-to-end"."""
-import sys
+"""
+Stage 4: measure forgetting. For every checkpoint x dataset: validation next-token loss, KL to a
+reference checkpoint (usually the model before finetuning), and for toy tasks greedy exact-match
+accuracy. Forgetting is the change from the reference: loss increase, accuracy drop.
 
-sys.exit("error: evaluate.py is not implemented yet (see the issue tracker)")
+    python evaluate.py --checkpoints=plain=out/ft_plain/ckpt.pt,replay=out/ft_kl/ckpt.pt \
+        --reference=out/pretrain_add/ckpt.pt --datasets=arithmetic/add,arithmetic/sort
+
+Prints a markdown table and writes out_json (and out_md if set). The JSON holds, per checkpoint
+("arms"), the accuracy of every toy dataset, and in "metrics" everything measured.
+"""
+import sys
+import time
+
+from common import (Dataset, UserError, answer_accuracy, apply_overrides, check_compatible, eval_kl, eval_loss, fail,
+                    load_checkpoint, pick_device, atomic_write_text, write_json)
+
+checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
+reference = "out/pretrain_add/ckpt.pt"          # "" = no reference (no KL, no forgetting columns)
+datasets = ""                                    # comma-separated; "" = every dataset the reference knows
+eval_sequences = 2048
+out_json = "results/eval.json"
+out_md = ""
+started_at = 0.0                                 # unix time the experiment began; recorded as "seconds"
+device = "auto"
+
+
+def parse_named(spec):
+    named = {}
+    for item in [s for s in spec.split(",") if s]:
+        name, sep, path = item.partition("=")
+        named[name if sep else item] = path if sep else item
+    if not named:
+        raise UserError("--checkpoints is empty: give name=path pairs")
+    return named
+
+
+def measure(model, reference_model, data, dev):
+    T = model.config.block_size
+    out = {"loss": eval_loss(model, data, T, max_sequences=eval_sequences, device=dev)}
+    if "answer_start" in data.meta:
+        out["accuracy"] = answer_accuracy(model, data, max_sequences=eval_sequences, device=dev)
+    if reference_model is not None and reference_model is not model:
+        out["kl_to_reference"] = eval_kl(model, reference_model, data, T, max_sequences=eval_sequences, device=dev)
+    return out
+
+
+def main():
+    dev = pick_device(device)
+    named = parse_named(checkpoints)
+    ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
+    models = {}
+    for name, path in named.items():
+        models[name], ckpt = load_checkpoint(path, dev)
+        models[name].eval()
+        if ref_model is not None and ckpt["model_config"] != ref_ckpt["model_config"]:
+            raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the reference {reference} has "
+                            f"{ref_ckpt['model_config']}: compare checkpoints of the same model")
+    first_ckpt = ref_ckpt or ckpt
+    names = [d for d in datasets.split(",") if d] or list(first_ckpt.get("data", {}))
+    if not names:
+        raise UserError("no datasets to evaluate: pass --datasets=name1,name2")
+    data = [Dataset(n) for n in names]
+    for d in data:
+        check_compatible(d.meta, first_ckpt["model_config"], d.dir)
+
+    results = {}
+    if ref_model is not None:
+        ref_model.eval()
+        results["reference"] = {d.short_name: measure(ref_model, None, d, dev) for d in data}
+    for name, model in models.items():
+        results[name] = {d.short_name: measure(model, ref_model, d, dev) for d in data}
+        if ref_model is not None:
+            for short, m in results[name].items():
+                ref = results["reference"][short]
+                m["forgetting_loss"] = m["loss"] - ref["loss"]
+                if "accuracy" in m:
+                    m["forgetting_accuracy"] = ref["accuracy"] - m["accuracy"]
+
+    report = {"arms": {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m} for name in named},
+              "metrics": results,
+              "checkpoints": named,
+              "reference": reference or None}
+    if started_at:
+        report["seconds"] = round(time.time() - started_at, 1)
+    table = markdown_table(results, [d.short_name for d in data])
+    print(table)
+    write_json(out_json, report)
+    if out_md:
+        atomic_write_text(out_md, table + "\n")
+    print(f"wrote {out_json}" + (f" and {out_md}" if out_md else ""))
+
+
+def markdown_table(results, dataset_names):
+    """One row per checkpoint, per dataset: accuracy (toy tasks), loss, and KL to the reference."""
+    columns = []
+    for s in dataset_names:
+        for key, label in (("accuracy", "acc"), ("loss", "loss"), ("kl_to_reference", "KL")):
+            if any(key in results[row][s] for row in results):
+                columns.append((s, key, f"{s} {label}"))
+    lines = ["| model | " + " | ".join(c[2] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row, metrics in results.items():
+        cells = []
+        for s, key, _ in columns:
+            value = metrics[s].get(key)
+            cells.append("" if value is None else f"{value:.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        apply_overrides(globals(), sys.argv[1:])
+        main()
+    except UserError as e:
+        fail(e)

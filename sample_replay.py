@@ -1,4 +1,128 @@
-"""Placeholder: this stage arrives with the issue "Self-generated replay end-to-end"."""
-import sys
+"""
+Stage 2: sample a self-generated replay corpus from a checkpoint, to disk.
 
-sys.exit("error: sample_replay.py is not implemented yet (see the issue tracker)")
+Old training data is often gone, but a language model can regenerate its own: prompt it with the
+dataset token that began every training sequence (BOS / dataset id), sample at temperature 1 with
+no top-k, for the full block length. Those sequences stand in for the old data in finetune.py.
+
+    python sample_replay.py --init_from=out/pretrain_add/ckpt.pt --prompts=arithmetic/add
+    python sample_replay.py --prompts=arithmetic/add:0.5,arithmetic/sort:0.5 --num_samples=8192
+
+A prompt is a dataset name (its dataset token is read from the checkpoint's data metadata) or a
+raw token id, optionally followed by :share. The corpus is one file written atomically:
+{"tokens": (N, T) int32 tensor, "meta": {source checkpoint, prompts, temperature, ...}}.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import UserError, apply_overrides, atomic_torch_save, fail, load_checkpoint, pick_device, set_seed
+
+init_from = "out/pretrain_add/ckpt.pt"
+out = "out/replay_add.pt"
+prompts = "arithmetic/add"       # comma-separated: dataset name or token id, optionally :share
+num_samples = 8192
+batch_size = 1024
+temperature = 1.0                # 1.0 = the model's own distribution (what replay wants)
+top_k = 0                        # 0 = no truncation
+length = 0                       # tokens per sequence including the prompt; 0 = the model's block_size
+device = "auto"
+seed = 1337
+
+
+def parse_prompts(spec, data_meta):
+    """'arithmetic/add:0.5,7' -> [(name, token, share)], shares normalised to sum to 1."""
+    parsed = []
+    for item in [p for p in spec.split(",") if p]:
+        name, _, share = item.partition(":")
+        if name.isdigit():
+            token = int(name)
+        elif name in data_meta:
+            token = data_meta[name]["dataset_token"]
+        else:
+            known = ", ".join(sorted(data_meta)) or "none"
+            raise UserError(f"prompt {name!r} is neither a token id nor a dataset this checkpoint was trained on "
+                            f"(known: {known})")
+        parsed.append((name, token, float(share) if share else 1.0))
+    if not parsed:
+        raise UserError("--prompts is empty: give at least one dataset name or token id")
+    total = sum(s for _, _, s in parsed)
+    return [(n, t, s / total) for n, t, s in parsed]
+
+
+def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device):
+    """prompt_tokens: (N,) first token of every sequence -> (N, length) samples. Deterministic for a
+    seed; each row is sampled independently, so batching does not change what a row's prompt means."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(prompt_tokens), batch_size), desc="sampling", dynamic_ncols=True):
+        idx = prompt_tokens[i:i + batch_size, None].to(device)
+        out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
+                                  generator=generator).cpu())
+    return torch.cat(out)
+
+
+def main():
+    dev = pick_device(device)
+    set_seed(seed)
+    model, ckpt = load_checkpoint(init_from, dev)
+    model.eval()
+    data_meta = ckpt.get("data", {})
+    parsed = parse_prompts(prompts, data_meta)
+    T = length or model.config.block_size
+    if T > model.config.block_size or T < 2:
+        raise UserError(f"--length={T} must be between 2 and the model's block_size {model.config.block_size}")
+    if num_samples <= 0 or batch_size <= 0:
+        raise UserError("--num_samples and --batch_size must be positive")
+    if temperature <= 0:
+        raise UserError("--temperature must be positive for sampling (replay wants 1.0)")
+
+    # rows per prompt in proportion to its share; the remainder goes to the first prompt
+    counts = [int(share * num_samples) for _, _, share in parsed]
+    counts[0] += num_samples - sum(counts)
+    prompt_tokens = torch.cat([torch.full((n,), tok, dtype=torch.long) for (_, tok, _), n in zip(parsed, counts)])
+
+    t0 = time.time()
+    tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev)
+    seconds = time.time() - t0
+    print(f"sampled {len(tokens):,} sequences x {T} tokens in {seconds:.1f}s "
+          f"({len(tokens) * (T - 1) / seconds:,.0f} new tokens/s)")
+
+    tokenizers = {m.get("tokenizer") for m in data_meta.values()}
+    meta = {
+        "source_checkpoint": os.path.abspath(init_from),
+        "source_step": ckpt.get("step"),
+        "prompts": [{"name": n, "token": t, "share": s, "count": c} for (n, t, s), c in zip(parsed, counts)],
+        "temperature": temperature,
+        "top_k": top_k,
+        "count": len(tokens),
+        "length": T,
+        "vocab_size": model.config.vocab_size,
+        "tokenizer": tokenizers.pop() if len(tokenizers) == 1 else None,
+        "seed": seed,
+    }
+    if any(m.get("kind") == "arithmetic" for m in data_meta.values()):
+        # toy tasks can be checked: how many samples are real task strings with right answers?
+        from data.arithmetic.prepare import score_rows
+        any_meta = next(iter(data_meta.values()))
+        well_formed, correct = score_rows(tokens.numpy(), any_meta["digits"], any_meta["modulus"])
+        stats = {}
+        for name, tok, _ in parsed:
+            rows = (tokens[:, 0] == tok).numpy()
+            stats[name] = {"well_formed": float(well_formed[rows].mean()), "correct": float(correct[rows].mean())}
+            print(f"  {name}: {stats[name]['well_formed']:.1%} well-formed, {stats[name]['correct']:.1%} correct")
+        meta["stats"] = stats
+    atomic_torch_save({"tokens": tokens.to(torch.int32), "meta": meta}, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    try:
+        apply_overrides(globals(), sys.argv[1:])
+        main()
+    except UserError as e:
+        fail(e)

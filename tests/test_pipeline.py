@@ -1,0 +1,199 @@
+"""The pipeline scripts, run in-process on tiny models: checkpoints, replay corpora, the KL
+regulariser, evaluation, and the one-line errors for bad input."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from common import UserError, kl_loss, load_checkpoint, load_corpus
+from conftest import TINY_MODEL, run_script
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+# --- KL(teacher || student) ---------------------------------------------------------------------
+
+def test_kl_is_zero_when_student_equals_teacher():
+    logits = torch.randn(3, 6, 11)
+    assert kl_loss(logits, logits.clone()).abs().item() < 1e-6
+    assert kl_loss(logits + 1.0, logits).abs().item() < 1e-6  # a constant shift is the same distribution
+
+
+def test_kl_value_and_gradient_match_a_float64_reference():
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 13, requires_grad=True)
+    teacher = torch.randn(2, 5, 13)
+    kl_loss(student, teacher).backward()
+
+    s64 = student.detach().double().requires_grad_(True)
+    p = torch.softmax(teacher.double()[:, :-1], -1)
+    reference = (p * (p.log() - torch.log_softmax(s64[:, :-1], -1))).sum(-1).mean()  # sum over vocab
+    reference.backward()
+    assert abs(kl_loss(student, teacher).item() - reference.item()) < 1e-6
+    assert torch.allclose(student.grad.double(), s64.grad, atol=1e-7)
+    assert student.grad[:, -1].abs().max() == 0  # last position masked, as in the NTP loss
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def test_pretrain_checkpoint_is_plain_data_with_config_and_data_metadata(tiny_checkpoint, toy_data):
+    model, ckpt = load_checkpoint(tiny_checkpoint)  # weights_only=True inside
+    assert ckpt["model_config"]["width"] == TINY_MODEL["width"]
+    assert set(ckpt["data"]) == {toy_data["reversal"], toy_data["sort"]}
+    assert ckpt["step"] == 30 and "optimizer" in ckpt
+    assert not any(name.endswith(".tmp") for name in os.listdir(os.path.dirname(tiny_checkpoint)))
+
+
+def test_pretraining_is_deterministic_given_a_seed(toy_data, tmp_path):
+    args = dict(datasets=toy_data["sort"], max_steps=5, eval_interval=5, eval_sequences=16, batch_size=16,
+                device="cpu", **TINY_MODEL)
+    run_script("pretrain", out_dir=str(tmp_path / "a"), **args)
+    run_script("pretrain", out_dir=str(tmp_path / "b"), **args)
+    a, b = weights(tmp_path / "a" / "ckpt.pt"), weights(tmp_path / "b" / "ckpt.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- replay corpus ------------------------------------------------------------------------------
+
+def test_replay_corpus_round_trips_with_its_metadata(tiny_checkpoint, toy_data, tmp_path):
+    out = str(tmp_path / "replay.pt")
+    run_script("sample_replay", init_from=tiny_checkpoint, out=out, num_samples=50, batch_size=16,
+               prompts=f"{toy_data['reversal']}:0.6,{toy_data['sort']}:0.4", device="cpu")
+    tokens, meta = load_corpus(out)
+    assert tokens.shape == (50, 14)
+    assert meta["count"] == 50 and meta["temperature"] == 1.0 and meta["top_k"] == 0
+    assert meta["vocab_size"] == 19 and meta["tokenizer"].startswith("arithmetic")
+    assert meta["source_checkpoint"] == os.path.abspath(tiny_checkpoint)
+    assert [p["count"] for p in meta["prompts"]] == [30, 20]
+    assert (tokens[:30, 0] == 2).all() and (tokens[30:, 0] == 3).all()  # reversal and sort BOS tokens
+    assert set(meta["stats"]) == {toy_data["reversal"], toy_data["sort"]}
+
+
+def test_a_replay_corpus_from_another_tokenizer_is_refused(tiny_checkpoint, toy_data, tmp_path):
+    path = str(tmp_path / "alien.pt")
+    torch.save({"tokens": torch.zeros(4, 14, dtype=torch.int32),
+                "meta": {"vocab_size": 19, "tokenizer": "bpe-4096"}}, path)
+    with pytest.raises(UserError, match="tokenizer"):
+        run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"),
+                   replay="kl", replay_source=path, max_steps=1, device="cpu")
+    assert not os.path.exists(tmp_path / "ft" / "ckpt.pt")
+
+
+# --- finetuning ---------------------------------------------------------------------------------
+
+FT = dict(max_steps=6, batch_size=16, eval_interval=3, eval_sequences=16, warmup_steps=2, device="cpu")
+
+
+def test_finetune_with_coeff_zero_equals_plain_finetuning(tiny_checkpoint, toy_data, tmp_path):
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "plain"), **FT)
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "kl0"),
+               replay="kl", replay_coeff=0.0, replay_source=f"data:{toy_data['sort']}", **FT)
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "kl1"),
+               replay="kl", replay_coeff=1.0, replay_source=f"data:{toy_data['sort']}", **FT)
+    plain, kl0, kl1 = (weights(tmp_path / n / "ckpt.pt") for n in ("plain", "kl0", "kl1"))
+    assert all(torch.equal(plain[k], kl0[k]) for k in plain)
+    assert not all(torch.equal(plain[k], kl1[k]) for k in plain)  # the term does something when on
+
+
+def test_teacher_gets_no_gradient_and_never_changes(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
+    import finetune
+    loaded = []
+    real_load = common.load_checkpoint
+
+    def recording_load(path, device="cpu"):
+        model, ckpt = real_load(path, device)
+        loaded.append(model)
+        return model, ckpt
+
+    monkeypatch.setattr(common, "load_checkpoint", recording_load)
+    original = weights(tiny_checkpoint)
+    # reload finetune so it binds the recording loader, then run with KL replay and LwF
+    module = run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"],
+                        out_dir=str(tmp_path / "ft"), replay="kl", replay_source=f"data:{toy_data['sort']}",
+                        lwf_coeff=1.0, **FT)
+    assert module.load_checkpoint is recording_load
+    student, teacher = loaded
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(teacher.state_dict()[k], original[k]) for k in original)
+    assert not all(torch.equal(student.state_dict()[k], original[k]) for k in original)
+
+
+def test_finetune_logs_old_and_new_data_from_step_zero(tiny_checkpoint, toy_data, tmp_path):
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"), **FT)
+    log = common.read_jsonl(tmp_path / "ft" / "log.jsonl")
+    assert [r["step"] for r in log] == [0, 3, 6]
+    assert {"accuracy/add", "accuracy/sort", "accuracy/reversal", "val_loss/sort"} <= set(log[0])
+    _, ckpt = load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"))
+    assert toy_data["add"] in ckpt["data"] and toy_data["sort"] in ckpt["data"]
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+class ScriptedModel:
+    """Stands in for a GPT: its greedy answer is right for even rows, wrong in one digit for odd."""
+
+    def __init__(self, rows, answer_start):
+        self.rows, self.start = rows, answer_start
+
+    def generate(self, prompt, max_new_tokens, temperature):
+        out = self.rows[:len(prompt)].clone()
+        out[1::2, self.start] = (out[1::2, self.start] + 1 - 9) % 10 + 9
+        return out
+
+
+def test_answer_accuracy_on_a_hand_checked_case(toy_data):
+    data = common.Dataset(toy_data["add"])
+    rows = next(data.eval_batches("val", 10, None, 10))
+    model = ScriptedModel(rows, data.meta["answer_start"])
+    assert common.answer_accuracy(model, data, batch_size=10, max_sequences=10) == 0.5
+
+
+def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_data, tmp_path):
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"), **FT)
+    out_json = str(tmp_path / "eval.json")
+    run_script("evaluate", checkpoints=f"same={tiny_checkpoint},ft={tmp_path / 'ft' / 'ckpt.pt'}",
+               reference=tiny_checkpoint, datasets=f"{toy_data['sort']},{toy_data['add']}", eval_sequences=32,
+               out_json=out_json, out_md=str(tmp_path / "eval.md"), device="cpu")
+    report = common.json.load(open(out_json))
+    same, ft = report["metrics"]["same"], report["metrics"]["ft"]
+    assert same["sort"]["kl_to_reference"] == pytest.approx(0, abs=1e-6)
+    assert same["sort"]["forgetting_loss"] == pytest.approx(0, abs=1e-6)
+    assert ft["sort"]["kl_to_reference"] > 0
+    assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - report["metrics"]["reference"]["sort"]["loss"])
+    assert report["arms"]["ft"] == {"sort": ft["sort"]["accuracy"], "add": ft["add"]["accuracy"]}
+    assert "| ft |" in open(tmp_path / "eval.md").read()
+
+
+# --- configuration and bad input ----------------------------------------------------------------
+
+def test_overrides_parse_literals_and_refuse_unknown_keys():
+    config = {"lr": 1e-3, "steps": 10, "name": "x", "flag": False}
+    common.apply_overrides(config, ["--lr=3e-4", "--steps=20", "--name=out/run", "--flag=True"])
+    assert config == {"lr": 3e-4, "steps": 20, "name": "out/run", "flag": True}
+    with pytest.raises(UserError, match="unknown setting"):
+        common.apply_overrides(config, ["--nope=1"])
+    with pytest.raises(UserError, match="expects a int"):
+        common.apply_overrides(config, ["--steps=abc"])
+
+
+def test_bad_inputs_fail_with_one_line_and_no_output(tiny_checkpoint, toy_data, tmp_path):
+    import subprocess, sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cases = [
+        (["finetune.py", f"--init_from={tmp_path}/missing.pt"], "not found"),
+        (["finetune.py", f"--init_from={tiny_checkpoint}", "--replay=kl", f"--dataset={toy_data['add']}"], "replay_source"),
+        (["finetune.py", f"--init_from={tiny_checkpoint}", "--replay_coeff=-1", f"--dataset={toy_data['add']}"], ">= 0"),
+        (["sample_replay.py", f"--init_from={tiny_checkpoint}", "--prompts=english"], "neither a token id"),
+    ]
+    for argv, message in cases:
+        out_dir = tmp_path / "should_not_exist"
+        result = subprocess.run([sys.executable, *argv, f"--{'out' if 'sample' in argv[0] else 'out_dir'}={out_dir}"],
+                                cwd=repo, capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+        assert not out_dir.exists()
