@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -20,9 +21,19 @@ class UserError(Exception):
 
 
 def fail(message):
-    """Exit with a one-line error (used by the scripts' __main__ guards)."""
+    """Exit with a one-line error and exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def run(main, config):
+    """A script's entry point: apply the --key=value overrides to its constants (its globals()),
+    run main(), and turn bad input (UserError) into one line on stderr instead of a traceback."""
+    try:
+        apply_overrides(config, sys.argv[1:])
+        main()
+    except UserError as e:
+        fail(e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +93,99 @@ def pick_device(device):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+# ----------------------------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node=N script.py` sets RANK / WORLD_SIZE / LOCAL_RANK.
+# Every rank draws the same global batch from the same seeded generator and trains on its own
+# slice; DistributedDataParallel averages the gradients, so N processes follow the same trajectory
+# as one process with the same global batch. Rank 0 alone evaluates and writes files.
+
+def setup_distributed(device):
+    """Returns (rank, world_size, device); joins the process group when run under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(batch, rank, world_size):
+    """This rank's contiguous slice of a global batch."""
+    if len(batch) % world_size:
+        raise UserError(f"batch of {len(batch)} does not split evenly over {world_size} processes: "
+                        f"choose a batch size divisible by --nproc_per_node")
+    n = len(batch) // world_size
+    return batch[rank * n:(rank + 1) * n]
+
+
+def global_mean(value, world_size):
+    """Average a scalar tensor over ranks (for logging the same number a single process would)."""
+    if world_size > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world_size
+    return value
+
+
+def check_finite(record, ckpt_path, hint):
+    """Stop before a diverged model overwrites the last good checkpoint."""
+    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        raise UserError(f"training diverged at step {record['step']} ({', '.join(f'{k}={v}' for k, v in bad.items())}): "
+                        f"{hint}; {last}")
+
+
+def from_rank0(flag, world_size):
+    """Rank 0's decision (e.g. "target reached, stop"), shared with every rank so all stop together."""
+    if world_size == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming: a checkpoint also carries what is needed to continue bit for bit (optimizer state, the
+# random generators, the step). `--resume=True` continues from out_dir/ckpt.pt.
+
+RESUME_MAY_CHANGE = {"resume", "device", "compile", "eval_interval", "eval_sequences", "out_dir"}
+
+
+def rng_state(rng):
+    return {"numpy": json.dumps(rng.bit_generator.state), "torch": torch.get_rng_state()}
+
+
+def restore_rng(rng, state):
+    rng.bit_generator.state = json.loads(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def load_for_resume(path, run_config):
+    """The checkpoint to continue from, or None to start fresh. Refuses to continue a run whose
+    settings differ (other than those in RESUME_MAY_CHANGE): that would not be the same run."""
+    if not os.path.exists(path):
+        print(f"--resume: no checkpoint at {path}, starting from scratch")
+        return None
+    ckpt = load_checkpoint_dict(path)
+    if "train_state" not in ckpt and not ckpt.get("finished"):
+        raise UserError(f"{path} has no training state to resume from: delete it or drop --resume")
+    changed = sorted(k for k in run_config if k not in RESUME_MAY_CHANGE and ckpt["config"].get(k) != run_config[k])
+    if changed:
+        old = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in changed)
+        raise UserError(f"cannot resume {path}: it was run with {old}; pass the same settings or use a new --out_dir")
+    return ckpt
+
+
+def truncate_log(path, step):
+    """Drop log records written after `step` (by the run that was interrupted)."""
+    if os.path.exists(path):
+        kept = [r for r in read_jsonl(path) if r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,11 +311,16 @@ def sample_mixture(datasets, fractions, batch_size, block_size, rng, split="trai
     return torch.cat(parts)[torch.from_numpy(rng.permutation(batch_size))]
 
 
-def check_compatible(dataset_meta, model_config, where):
-    """Refuse to train or evaluate a model on data from another vocabulary or longer rows."""
+def check_compatible(dataset_meta, model_config, where, checkpoint_data=None):
+    """Refuse to train or evaluate a model on data from another tokenizer or with longer rows.
+    checkpoint_data: the data metadata stored in the model's checkpoint, naming its tokenizer."""
     if dataset_meta["vocab_size"] > model_config["vocab_size"]:
         raise UserError(f"{where}: vocab_size {dataset_meta['vocab_size']} of the data exceeds the "
                         f"model's {model_config['vocab_size']}: use a checkpoint trained with this tokenizer")
+    known = {m.get("tokenizer") for m in (checkpoint_data or {}).values()}
+    if known and dataset_meta.get("tokenizer") not in known:
+        raise UserError(f"{where}: tokenized by {dataset_meta.get('tokenizer')!r} but the checkpoint was trained on "
+                        f"{sorted(map(str, known))}: use data prepared with the checkpoint's tokenizer")
     row_len = dataset_meta.get("row_len")
     if row_len and row_len > model_config["block_size"]:
         raise UserError(f"{where}: rows of {row_len} tokens exceed the model's block_size "
@@ -240,15 +349,15 @@ def kl_loss(student_logits, teacher_logits):
 # "step": int, ...}. Plain tensors and Python literals only, so they load with weights_only=True:
 # a checkpoint is data and can never run code.
 
-def save_checkpoint(path, model, **fields):
+def save_checkpoint(path, model, state_dict=None, **fields):
+    """state_dict: the plain GPT weights when they differ from model.state_dict() (LoRA)."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()}
     atomic_torch_save({"model": state, "model_config": model.config.to_dict(), **fields}, path)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Returns (model, checkpoint dict)."""
-    from model import GPT, GPTConfig
+def load_checkpoint_dict(path, device="cpu"):
+    """The raw checkpoint dict, loaded as data only: a pickle that would run code is refused."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} not found: run pretrain.py (or the stage before) first")
     try:
@@ -256,6 +365,15 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:
         raise UserError(f"checkpoint {path} could not be loaded safely ({type(e).__name__}): "
                         f"it is corrupt or not a nanoreplay checkpoint; re-create it") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a nanoreplay checkpoint (no model / model_config): re-create it")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Returns (model, checkpoint dict)."""
+    from model import GPT, GPTConfig
+    ckpt = load_checkpoint_dict(path, device)
     model = GPT(GPTConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt

@@ -9,11 +9,10 @@ accuracy. Forgetting is the change from the reference: loss increase, accuracy d
 Prints a markdown table and writes out_json (and out_md if set). The JSON holds, per checkpoint
 ("arms"), the accuracy of every toy dataset, and in "metrics" everything measured.
 """
-import sys
 import time
 
-from common import (Dataset, UserError, answer_accuracy, apply_overrides, check_compatible, eval_kl, eval_loss, fail,
-                    load_checkpoint, pick_device, atomic_write_text, write_json)
+from common import (Dataset, UserError, answer_accuracy, atomic_write_text, check_compatible, eval_kl,
+                    eval_loss, load_checkpoint, pick_device, run, write_json)
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
 reference = "out/pretrain_add/ckpt.pt"          # "" = no reference (no KL, no forgetting columns)
@@ -49,9 +48,10 @@ def main():
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
-    models = {}
+    models, steps = {}, {}
     for name, path in named.items():
         models[name], ckpt = load_checkpoint(path, dev)
+        steps[name] = {"step": ckpt.get("step"), "stop_reason": ckpt.get("stop_reason")}
         models[name].eval()
         if ref_model is not None and ckpt["model_config"] != ref_ckpt["model_config"]:
             raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the reference {reference} has "
@@ -62,7 +62,7 @@ def main():
         raise UserError("no datasets to evaluate: pass --datasets=name1,name2")
     data = [Dataset(n) for n in names]
     for d in data:
-        check_compatible(d.meta, first_ckpt["model_config"], d.dir)
+        check_compatible(d.meta, first_ckpt["model_config"], d.dir, first_ckpt.get("data"))
 
     results = {}
     if ref_model is not None:
@@ -79,11 +79,12 @@ def main():
 
     report = {"arms": {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m} for name in named},
               "metrics": results,
+              "steps": steps,
               "checkpoints": named,
               "reference": reference or None}
     if started_at:
         report["seconds"] = round(time.time() - started_at, 1)
-    table = markdown_table(results, [d.short_name for d in data])
+    table = markdown_table(results, [d.short_name for d in data], steps)
     print(table)
     write_json(out_json, report)
     if out_md:
@@ -91,26 +92,25 @@ def main():
     print(f"wrote {out_json}" + (f" and {out_md}" if out_md else ""))
 
 
-def markdown_table(results, dataset_names):
-    """One row per checkpoint, per dataset: accuracy (toy tasks), loss, and KL to the reference."""
+def markdown_table(results, dataset_names, steps):
+    """One row per checkpoint, per dataset: accuracy (toy tasks), loss, and KL to the reference;
+    then the training steps of the checkpoint (and why it stopped)."""
     columns = []
     for s in dataset_names:
         for key, label in (("accuracy", "acc"), ("loss", "loss"), ("kl_to_reference", "KL")):
             if any(key in results[row][s] for row in results):
                 columns.append((s, key, f"{s} {label}"))
-    lines = ["| model | " + " | ".join(c[2] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps |", "|---" * (len(columns) + 2) + "|"]
     for row, metrics in results.items():
         cells = []
         for s, key, _ in columns:
             value = metrics[s].get(key)
             cells.append("" if value is None else f"{value:.3f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        step = steps.get(row, {})
+        note = f"{step.get('step')}" + (" (target not reached)" if step.get("stop_reason") == "target not reached" else "")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {note if step else ''} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except UserError as e:
-        fail(e)
+    run(main, globals())

@@ -19,17 +19,20 @@ can be replaced by real old rows (plain data mixing).
 Writes out_dir/ckpt.pt and out_dir/log.jsonl (new- and old-data metrics every eval_interval steps,
 starting at step 0).
 """
+import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, answer_accuracy, append_jsonl, apply_overrides, check_compatible,
-                    config_snapshot, eval_loss, fail, kl_loss, load_checkpoint, load_corpus, lr_at, ntp_loss, pick_device,
-                    save_checkpoint, set_seed)
+from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_finite,
+                    config_snapshot, eval_loss, from_rank0, global_mean, kl_loss, load_checkpoint,
+                    load_corpus, load_for_resume, lr_at, ntp_loss, pick_device, restore_rng, rng_state, run,
+                    save_checkpoint, set_seed, setup_distributed, shard, truncate_log)
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -44,6 +47,9 @@ replay_batch_size = 0            # 0 = same as batch_size
 lwf_coeff = 0.0                  # KL(teacher || student) on the new data (LwF); 0 = off
 mix_dataset = ""                 # real old data mixed into the new batches
 mix_fraction = 0.0               # fraction of each new batch replaced by mix_dataset rows
+# -- LoRA baseline: train only low-rank adapters on every linear layer of the blocks
+lora_rank = 0                    # 0 = full finetuning
+lora_alpha = 0.0                 # adapter scale alpha / rank; 0 = alpha equal to the rank (scale 1)
 # -- optimisation (a fresh AdamW, as the paper resets the optimizer for each new task)
 batch_size = 256
 learning_rate = 1e-3
@@ -62,6 +68,7 @@ device = "auto"
 compile = False
 dtype = "float32"
 seed = 1337
+resume = False                   # continue from out_dir/ckpt.pt (same settings) instead of starting over
 
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (int, float, str, bool))]
 
@@ -74,7 +81,7 @@ class ReplayStream:
         self.rng = rng
         if source.startswith("data:"):
             self.dataset = Dataset(source[len("data:"):])
-            check_compatible(self.dataset.meta, model_config, self.dataset.dir)
+            check_compatible(self.dataset.meta, model_config, self.dataset.dir, data_meta)
             self.description = f"real {self.dataset.name}"
             return
         self.dataset = None
@@ -92,6 +99,18 @@ class ReplayStream:
                             f"checkpoint's block_size {model_config['block_size']}: re-sample it from this checkpoint")
         self.order, self.position = rng.permutation(len(self.tokens)), 0
 
+    def state(self):
+        """Where the stream is, to resume it exactly."""
+        state = {"rng": json.dumps(self.rng.bit_generator.state)}
+        if self.dataset is None:
+            state.update(order=torch.from_numpy(self.order), position=self.position)
+        return state
+
+    def load_state(self, state):
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        if self.dataset is None:
+            self.order, self.position = state["order"].numpy(), state["position"]
+
     def next(self, batch_size, block_size):
         if self.dataset is not None:
             return self.dataset.sample("train", batch_size, block_size, self.rng)
@@ -102,17 +121,89 @@ class ReplayStream:
         return self.tokens[torch.from_numpy(idx)]
 
 
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update: W x + (alpha / r) B A x.
+    B starts at zero, so the wrapped model starts exactly where the checkpoint was."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) * base.in_features ** -0.5)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t() @ self.B.t()) * self.scale
+
+
+
+def add_lora(model, rank, alpha):
+    """Freeze the model and wrap the attention and MLP projections of every block with LoRA."""
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for parent, name in ((block.attn, "qkv"), (block.attn, "out"), (block.mlp, "up"), (block.mlp, "down")):
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+    return model
+
+
+def plain_state_dict(model):
+    """The weights of a plain GPT: LoRA updates folded into their base layers (W + scale B A), so
+    every later stage loads a finetuned checkpoint like any other."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[f"{name}.weight"] = module.base.weight + module.scale * module.B @ module.A
+    for key, value in model.state_dict().items():
+        if not key.endswith((".A", ".B", ".base.weight")):
+            state[key] = value
+    return {k: v.detach() for k, v in state.items()}
+
+
+class Objective(nn.Module):
+    """One training step's loss, as a module so that DistributedDataParallel can wrap it whole
+    (it runs the student on the new and the replay batch before one backward):
+    NTP(new) + replay_coeff * KL-or-NTP(replay) + lwf_coeff * KL(new)."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+    def forward(self, x_new, x_replay):
+        logits_new = self.student(x_new)
+        loss_new = ntp_loss(logits_new, x_new)
+        total, parts = loss_new, {"loss_new": loss_new}
+        if x_replay is not None:
+            logits_replay = self.student(x_replay)
+            if replay == "kl":
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x_replay)
+                parts["loss_replay"] = kl_loss(logits_replay, teacher_logits)
+            else:
+                parts["loss_replay"] = ntp_loss(logits_replay, x_replay)
+            total = total + replay_coeff * parts["loss_replay"]
+        if lwf_coeff > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x_new)
+            parts["loss_lwf"] = kl_loss(logits_new, teacher_logits)
+            total = total + lwf_coeff * parts["loss_lwf"]
+        return total, parts
+
+
 def main():
-    dev = pick_device(device)
+    rank, world_size, dev = setup_distributed(pick_device(device))
+    is_main = rank == 0
     rng = set_seed(seed)
     if replay not in ("none", "kl", "ntp"):
         raise UserError(f"--replay={replay!r} must be none, kl or ntp")
     if min(replay_coeff, lwf_coeff, mix_fraction) < 0 or mix_fraction >= 1:
         raise UserError("--replay_coeff and --lwf_coeff must be >= 0 and --mix_fraction in [0, 1)")
-    if max_steps <= 0 or batch_size <= 0:
-        raise UserError("--max_steps and --batch_size must be positive")
+    if lora_rank < 0:
+        raise UserError(f"--lora_rank={lora_rank} must be >= 0")
+    if max_steps <= 0 or batch_size <= 0 or eval_interval <= 0 or replay_batch_size < 0 or learning_rate <= 0:
+        raise UserError("--max_steps, --batch_size, --eval_interval and --learning_rate must be positive")
     if replay != "none" and not replay_source:
         raise UserError(f"--replay={replay} needs --replay_source (a corpus from sample_replay.py or data:<dataset>)")
+    lr_at(0, 1, learning_rate, warmup_steps, schedule)  # validates --schedule
 
     student, ckpt = load_checkpoint(init_from, dev)
     teacher, _ = load_checkpoint(init_from, dev)
@@ -122,29 +213,55 @@ def main():
     data_meta = dict(ckpt.get("data", {}))
 
     new_data = Dataset(dataset)
-    check_compatible(new_data.meta, model_config, new_data.dir)
+    check_compatible(new_data.meta, model_config, new_data.dir, data_meta)
     names = list(dict.fromkeys(list(data_meta) + [dataset] + [n for n in eval_datasets.split(",") if n]))
     tracked = {name: new_data if name == dataset else Dataset(name) for name in names}
     mix = Dataset(mix_dataset) if mix_fraction > 0 else None
+    if mix is not None:
+        check_compatible(mix.meta, model_config, mix.dir, data_meta)
     # replay draws from its own random stream, so adding replay (even with coeff 0) leaves the
     # sequence of new-data batches unchanged: runs differ only by the regulariser
     replay_rng = np.random.default_rng(seed + 1)
     replay_stream = ReplayStream(replay_source, model_config, data_meta, replay_rng) if replay != "none" else None
     n_mix = int(round(mix_fraction * batch_size))
     n_replay = replay_batch_size or batch_size
-    print(f"finetune {init_from} on {dataset}: {max_steps} steps, batch {batch_size}, lr {learning_rate}; "
-          f"replay {replay}" + (f" x{replay_coeff} from {replay_stream.description}" if replay_stream else "")
-          + (f"; LwF x{lwf_coeff}" if lwf_coeff else "") + (f"; {n_mix} rows of {mix_dataset}" if mix else ""))
+    if is_main:
+        print(f"finetune {init_from} on {dataset}: {max_steps} steps, batch {batch_size}, lr {learning_rate}; "
+              f"replay {replay}" + (f" x{replay_coeff} from {replay_stream.description}" if replay_stream else "")
+              + (f"; LwF x{lwf_coeff}" if lwf_coeff else "") + (f"; {n_mix} rows of {mix_dataset}" if mix else "")
+              + (f"; LoRA rank {lora_rank}" if lora_rank else "") + (f"; {world_size} processes" if world_size > 1 else ""))
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    train_student = torch.compile(student) if compile else student
-    autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    needs_teacher_on_new = lwf_coeff > 0
+    if lora_rank:
+        add_lora(student, lora_rank, lora_alpha or float(lora_rank))
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
 
-    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(log_path):
-        os.remove(log_path)
+    run_config = config_snapshot(globals(), SETTINGS)
+    start_step = 0
+    if resume and (state := load_for_resume(ckpt_path, run_config)) is not None:
+        if state.get("finished"):
+            print(f"{ckpt_path} is a finished run ({state['step']} steps): nothing to do")
+            return
+        student.load_state_dict(state["train_state"]["student"])
+        optimizer.load_state_dict(state["train_state"]["optimizer"])
+        restore_rng(rng, state["train_state"]["rng"])
+        if replay_stream:
+            replay_stream.load_state(state["train_state"]["replay"])
+        start_step = state["step"]
+        print(f"resuming {ckpt_path} at step {start_step}")
+    if is_main:
+        print(f"training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in student.parameters()):,} parameters")
+        os.makedirs(out_dir, exist_ok=True)
+        if start_step:
+            truncate_log(log_path, start_step)
+        elif os.path.exists(log_path):
+            os.remove(log_path)
+
+    objective = Objective(torch.compile(student) if compile else student, teacher)
+    step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
+    autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def evaluate(step, losses, t0):
         student.eval()
@@ -157,66 +274,55 @@ def main():
         append_jsonl(log_path, record)
         return record
 
-    def step_losses(x_new, x_replay):
-        """The training objective for one step, returning (total, parts for the log)."""
-        with autocast:
-            logits_new = train_student(x_new)
-            loss_new = ntp_loss(logits_new, x_new)
-            total, parts = loss_new, {"loss_new": loss_new.item()}
-            if x_replay is not None:
-                logits_replay = train_student(x_replay)
-                if replay == "kl":
-                    with torch.no_grad():
-                        teacher_logits = teacher(x_replay)
-                    loss_replay = kl_loss(logits_replay, teacher_logits)
-                else:
-                    loss_replay = ntp_loss(logits_replay, x_replay)
-                total = total + replay_coeff * loss_replay
-                parts["loss_replay"] = loss_replay.item()
-            if needs_teacher_on_new:
-                with torch.no_grad():
-                    teacher_logits = teacher(x_new)
-                loss_lwf = kl_loss(logits_new, teacher_logits)
-                total = total + lwf_coeff * loss_lwf
-                parts["loss_lwf"] = loss_lwf.item()
-        return total, parts
+    def checkpoint(step, finished, stop_reason):
+        data = {**data_meta, dataset: new_data.meta}
+        train_state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(rng),
+                       "replay": replay_stream.state() if replay_stream else None}
+        save_checkpoint(ckpt_path, student, state_dict=plain_state_dict(student), data=data, config=run_config,
+                        step=step, finished=finished, stop_reason=stop_reason, parent=os.path.abspath(init_from),
+                        train_state=train_state)
 
     t0 = time.time()
-    evaluate(0, {}, t0)
-    pbar = tqdm(range(max_steps), desc="finetune", dynamic_ncols=True)
+    if is_main and start_step == 0:
+        evaluate(0, {}, t0)
+    stop_reason = "target not reached" if target_val_loss else "max_steps"
+    pbar = tqdm(range(start_step, max_steps), desc="finetune", dynamic_ncols=True, disable=not is_main)
     for step in pbar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, max_steps, learning_rate, warmup_steps, schedule)
+        # every rank draws the same global batches and keeps its own slice
         x_new = new_data.sample("train", batch_size - n_mix, T, rng)
         if mix is not None and n_mix:
             x_new = torch.cat([x_new, mix.sample("train", n_mix, T, rng)])
-        x_new = x_new.to(dev)
-        x_replay = replay_stream.next(n_replay, T).to(dev) if replay_stream else None
-        loss, parts = step_losses(x_new, x_replay)
+        x_new = shard(x_new, rank, world_size).to(dev)
+        x_replay = shard(replay_stream.next(n_replay, T), rank, world_size).to(dev) if replay_stream else None
+        with autocast:
+            loss, parts = step_objective(x_new, x_replay)
         if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()} at step {step}: lower --learning_rate or --replay_coeff")
+            check_finite({"step": step, "loss": loss.item()}, ckpt_path, "lower --learning_rate or --replay_coeff")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        parts = {k: global_mean(v, world_size).item() for k, v in parts.items()}
         pbar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
 
         if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
-            record = evaluate(step + 1, parts, t0)
-            tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
-            if target_val_loss and record[f"val_loss/{new_data.short_name}"] <= target_val_loss:
-                tqdm.write(f"target validation loss {target_val_loss} on {dataset} reached")
+            reached = False
+            if is_main:
+                record = evaluate(step + 1, parts, t0)
+                check_finite(record, ckpt_path, "lower --learning_rate or --replay_coeff")
+                tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
+                reached = bool(target_val_loss) and record[f"val_loss/{new_data.short_name}"] <= target_val_loss
+                if reached:
+                    tqdm.write(f"target validation loss {target_val_loss} on {dataset} reached")
+                    stop_reason = "target_val_loss"
+                checkpoint(step + 1, reached or step + 1 == max_steps, stop_reason)
+            if from_rank0(reached, world_size):
                 break
     pbar.close()
-
-    data_meta[dataset] = new_data.meta
-    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), student, data=data_meta,
-                    config=config_snapshot(globals(), SETTINGS), step=record["step"], parent=os.path.abspath(init_from))
-    print(f"done in {time.time() - t0:.1f}s; checkpoint {os.path.join(out_dir, 'ckpt.pt')}")
+    if is_main:
+        print(f"done in {time.time() - t0:.1f}s; checkpoint {ckpt_path}")
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except UserError as e:
-        fail(e)
+    run(main, globals())

@@ -12,14 +12,13 @@ frontier: old-data loss against new-data loss along each finetuning run: a metho
 less stays lower at the same new-data loss.
 """
 import os
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
-from common import UserError, apply_overrides, fail, read_jsonl
+from common import UserError, read_jsonl, run
 
 figure = "toy_continual"        # "toy_continual" or "frontier"
 out = "results/toy_continual.png"
@@ -80,18 +79,25 @@ def frontier_figure():
     named = [item.partition("=") for item in runs.split(",") if item]
     if not named:
         raise UserError("--runs is empty: give name=path/to/log.jsonl pairs")
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    # left: every run; right: the same, zoomed on the runs that stay near the old-data loss
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lowest = float("inf")
     for name, _, path in named:
         records = [r for r in read_log(path) if f"val_loss/{old}" in r and f"val_loss/{new}" in r]
         if not records:
             raise UserError(f"{path} has no val_loss/{old} and val_loss/{new}: pass --old/--new as logged there")
-        ax.plot([r[f"val_loss/{new}"] for r in records], [r[f"val_loss/{old}"] for r in records],
-                marker="o", ms=3, label=name)
-    ax.set_xlabel(f"new-data loss ({new})")
-    ax.set_ylabel(f"old-data loss ({old})")
-    ax.invert_xaxis()  # training moves right: new-data loss falls
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        xs, ys = [r[f"val_loss/{new}"] for r in records], [r[f"val_loss/{old}"] for r in records]
+        lowest = min(lowest, min(ys))
+        for ax in axes:
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+    axes[1].set_ylim(lowest - 0.05, lowest + 0.6)
+    axes[1].set_title("zoom", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel(f"new-data loss ({new}), training moves right")
+        ax.set_ylabel(f"old-data loss ({old}), lower = less forgetting")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     return fig
 
 
@@ -111,8 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except UserError as e:
-        fail(e)
+    run(main, globals())

@@ -6,19 +6,22 @@ Stage 1: pretrain a GPT from scratch, to saturation, on one dataset or a mixture
     python pretrain.py --max_steps=500 --out_dir=out/quick
 
 Every constant below can be overridden with --key=value. The run writes out_dir/ckpt.pt (weights,
-model config, data metadata, optimizer state) and out_dir/log.jsonl (one line per evaluation).
+model config, data metadata, and the optimizer / generator state to --resume from) at every
+evaluation, atomically, and out_dir/log.jsonl (one line per evaluation). Several processes:
+    torchrun --nproc_per_node=2 pretrain.py ...   (gloo on CPU, nccl on CUDA; same global batch)
 """
 import math
 import os
-import sys
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, apply_overrides, answer_accuracy, append_jsonl, check_compatible,
-                    config_snapshot, eval_loss, fail, lr_at, ntp_loss, pick_device, sample_mixture, save_checkpoint,
-                    set_seed)
+from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_finite,
+                    config_snapshot, eval_loss, from_rank0, global_mean, load_for_resume, lr_at, ntp_loss,
+                    pick_device, restore_rng, rng_state, run, sample_mixture, save_checkpoint, set_seed,
+                    setup_distributed, shard, truncate_log)
 from model import GPT, GPTConfig, count_parameters
 
 # -- I/O
@@ -52,6 +55,7 @@ eval_sequences = 1024            # validation sequences per dataset for loss (an
 # -- system
 device = "auto"                  # "auto" = cuda if available, else cpu
 compile = False                  # torch.compile the training step (measured: see README)
+resume = False                   # continue from out_dir/ckpt.pt (same settings) instead of starting over
 dtype = "float32"                # "bfloat16" = autocast matmuls to bf16
 seed = 1337
 
@@ -59,7 +63,8 @@ SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(g
 
 
 def main():
-    dev = pick_device(device)
+    rank, world_size, dev = setup_distributed(pick_device(device))
+    is_main = rank == 0
     rng = set_seed(seed)
     names = [n for n in datasets.split(",") if n]
     data = [Dataset(n) for n in names]
@@ -72,6 +77,10 @@ def main():
     row_lens = {d.row_len for d in data}
     if len(row_lens) > 1:
         raise UserError(f"datasets {names} mix row lengths {row_lens}: use datasets of one layout")
+    if min(batch_size, warmup_steps + 1, eval_interval, eval_sequences) <= 0 or min(max_steps, max_tokens, tokens_per_param) < 0:
+        raise UserError("--batch_size, --eval_interval and --eval_sequences must be positive, "
+                        "--warmup_steps, --max_steps, --max_tokens and --tokens_per_param non-negative")
+    lr_at(0, 1, learning_rate, warmup_steps, schedule)  # validates --schedule before anything runs
     T = block_size or data[0].row_len or 256
     config = GPTConfig(vocab_size=data[0].meta["vocab_size"], block_size=T, width=width, depth=depth, head_dim=head_dim)
     for d in data:
@@ -90,21 +99,37 @@ def main():
     if not limits:
         raise UserError("no stopping rule: set --max_steps, --max_tokens or --tokens_per_param")
     total_steps = min(limits)
-    print(f"model: width {width}, depth {depth}, {config.n_heads} heads of {head_dim}, block {T}; "
-          f"{n_actual:,} parameters ({n_paper:,} by 12LD^2+DV)")
-    print(f"data: {', '.join(f'{n} ({f:.0%})' for n, f in zip(names, fractions))}; "
-          f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param")
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    train_model = torch.compile(model) if compile else model
-    autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log_path = os.path.join(out_dir, "log.jsonl")
     run_config = config_snapshot(globals(), SETTINGS)
+    start_step = 0
+    if resume and (ckpt := load_for_resume(ckpt_path, run_config)) is not None:
+        if ckpt.get("finished"):
+            print(f"{ckpt_path} is a finished run ({ckpt['step']} steps): nothing to do")
+            return
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        restore_rng(rng, ckpt["train_state"]["rng"])
+        start_step = ckpt["step"]
+        print(f"resuming {ckpt_path} at step {start_step}")
+    if is_main:
+        print(f"model: width {width}, depth {depth}, {config.n_heads} heads of {head_dim}, block {T}; "
+              f"{n_actual:,} parameters ({n_paper:,} by 12LD^2+DV)")
+        print(f"data: {', '.join(f'{n} ({f:.0%})' for n, f in zip(names, fractions))}; "
+              f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
+              + (f"; {world_size} processes" if world_size > 1 else ""))
+        os.makedirs(out_dir, exist_ok=True)
+        if start_step:
+            truncate_log(log_path, start_step)
+        elif os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh log
+
+    train_model = torch.compile(model) if compile else model
+    if world_size > 1:
+        train_model = DistributedDataParallel(train_model)
+    autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def evaluate(step, train_loss, t0):
         model.eval()
@@ -119,40 +144,46 @@ def main():
         return record
 
     t0 = time.time()
-    evaluate(0, None, t0)  # the untrained model, so curves start at chance
-    pbar = tqdm(range(total_steps), desc="pretrain", dynamic_ncols=True)
+    if is_main and start_step == 0:
+        evaluate(0, None, t0)  # the untrained model, so curves start at chance
+    pbar = tqdm(range(start_step, total_steps), desc="pretrain", dynamic_ncols=True, disable=not is_main)
     for step in pbar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr)
-        x = sample_mixture(data, fractions, batch_size, T, rng).to(dev)
+        x = shard(sample_mixture(data, fractions, batch_size, T, rng), rank, world_size).to(dev)
         with autocast:
             loss = ntp_loss(train_model(x), x)
         if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()} at step {step}: lower --learning_rate; "
-                            f"the last good checkpoint is {ckpt_path}")
+            check_finite({"step": step, "train_loss": loss.item()}, ckpt_path, "lower --learning_rate")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = loss.item()
+        train_loss = global_mean(loss, world_size).item()
         pbar.set_postfix(loss=f"{train_loss:.4f}")
 
-        last = step + 1 == total_steps
-        if (step + 1) % eval_interval == 0 or last:
+        if (step + 1) % eval_interval == 0 or step + 1 == total_steps:
+            if not is_main:
+                if from_rank0(False, world_size):  # wait for rank 0's verdict on the targets
+                    break
+                continue
             record = evaluate(step + 1, train_loss, t0)
-            shown = {k: round(v, 4) for k, v in record.items() if "/" in k}
-            tqdm.write(f"step {step + 1}: {shown}")
-            save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
-                            step=step + 1, optimizer=optimizer.state_dict())
+            check_finite(record, ckpt_path, "lower --learning_rate")
+            tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
             trained = [d.short_name for d in data]
             val_losses = [record[f"val_loss/{n}"] for n in trained]
             accuracies = [record[f"accuracy/{n}"] for n in trained if f"accuracy/{n}" in record]
-            if target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss:
-                tqdm.write(f"target validation loss {target_val_loss} reached")
-                break
-            if target_accuracy and accuracies and min(accuracies) >= target_accuracy:
-                tqdm.write(f"target accuracy {target_accuracy} reached")
+            reached = ((target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss)
+                       or (target_accuracy and accuracies and min(accuracies) >= target_accuracy))
+            finished = bool(reached) or step + 1 == total_steps
+            save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
+                            step=step + 1, finished=finished,
+                            train_state={"optimizer": optimizer.state_dict(), "rng": rng_state(rng)})
+            if from_rank0(reached, world_size):
+                tqdm.write("target reached")
                 break
     pbar.close()
+    if not is_main:
+        return
     print(f"done in {time.time() - t0:.1f}s, {record['step']} steps; checkpoint {ckpt_path}")
     for key, value in record.items():
         if key.startswith("accuracy/"):
@@ -162,8 +193,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except UserError as e:
-        fail(e)
+    run(main, globals())

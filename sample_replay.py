@@ -13,14 +13,12 @@ raw token id, optionally followed by :share. The corpus is one file written atom
 {"tokens": (N, T) int32 tensor, "meta": {source checkpoint, prompts, temperature, ...}}.
 """
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import UserError, apply_overrides, atomic_torch_save, fail, load_checkpoint, pick_device, set_seed
+from common import UserError, atomic_torch_save, load_checkpoint, pick_device, run, set_seed
 
 init_from = "out/pretrain_add/ckpt.pt"
 out = "out/replay_add.pt"
@@ -32,6 +30,7 @@ top_k = 0                        # 0 = no truncation
 length = 0                       # tokens per sequence including the prompt; 0 = the model's block_size
 device = "auto"
 seed = 1337
+resume = False                   # continue from <out>.partial, written after every batch
 
 
 def parse_prompts(spec, data_meta):
@@ -54,15 +53,28 @@ def parse_prompts(spec, data_meta):
     return [(n, t, s / total) for n, t, s in parsed]
 
 
-def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device):
-    """prompt_tokens: (N,) first token of every sequence -> (N, length) samples. Deterministic for a
-    seed; each row is sampled independently, so batching does not change what a row's prompt means."""
+def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device, partial_path=None):
+    """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
+    seed. With partial_path, progress is saved after every batch (tokens so far + the generator's
+    state), and an existing partial file is continued: a killed run loses at most one batch and
+    its result equals an uninterrupted run's."""
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for i in tqdm(range(0, len(prompt_tokens), batch_size), desc="sampling", dynamic_ncols=True):
+    if partial_path and os.path.exists(partial_path):
+        partial = torch.load(partial_path, weights_only=True)
+        if partial["batch_size"] != batch_size or partial["seed"] != seed or not torch.equal(partial["prompts"], prompt_tokens):
+            raise UserError(f"{partial_path} belongs to a run with other settings: delete it or use the same settings")
+        out = [partial["tokens"]]
+        generator.set_state(partial["generator"])
+        print(f"resuming sampling after {len(partial['tokens']):,} sequences")
+    done = len(out[0]) if out else 0
+    for i in tqdm(range(done, len(prompt_tokens), batch_size), desc="sampling", dynamic_ncols=True):
         idx = prompt_tokens[i:i + batch_size, None].to(device)
         out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
                                   generator=generator).cpu())
+        if partial_path:
+            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(), "seed": seed,
+                               "batch_size": batch_size, "prompts": prompt_tokens}, partial_path)
     return torch.cat(out)
 
 
@@ -87,7 +99,10 @@ def main():
     prompt_tokens = torch.cat([torch.full((n,), tok, dtype=torch.long) for (_, tok, _), n in zip(parsed, counts)])
 
     t0 = time.time()
-    tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev)
+    partial_path = out + ".partial"
+    if not resume and os.path.exists(partial_path):
+        os.remove(partial_path)
+    tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev, partial_path)
     seconds = time.time() - t0
     print(f"sampled {len(tokens):,} sequences x {T} tokens in {seconds:.1f}s "
           f"({len(tokens) * (T - 1) / seconds:,.0f} new tokens/s)")
@@ -117,12 +132,9 @@ def main():
             print(f"  {name}: {stats[name]['well_formed']:.1%} well-formed, {stats[name]['correct']:.1%} correct")
         meta["stats"] = stats
     atomic_torch_save({"tokens": tokens.to(torch.int32), "meta": meta}, out)
+    os.remove(partial_path)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except UserError as e:
-        fail(e)
+    run(main, globals())

@@ -1,0 +1,146 @@
+"""
+A byte-level BPE tokenizer trained on our own data and served by tiktoken.
+
+Training is ours (tiktoken only encodes): text is split into chunks by a GPT-2-style pattern,
+identical chunks are counted once, and the most frequent adjacent pair of tokens is merged
+repeatedly. Pair counts are updated incrementally, only for the chunks that contain the merged
+pair, and the best pair comes from a heap, so a few megabytes train in about a minute.
+
+Ids: the first N_RESERVED ids are special tokens that never come out of encoding text. Ids 0 and
+1 are the dataset tokens (English 0, Spanish 1, as in the paper): the first token of every
+training window and the prompt for self-generated replay. Then the 256 single bytes, then merges
+in the order they were learned (a merge's id is its BPE rank).
+
+    tok = train_bpe(text, vocab_size=4096); save(tok, "tokenizer.json")
+    enc = load("tokenizer.json")           # a tiktoken.Encoding
+    ids = enc.encode_ordinary("Hola")      # reserved ids can never appear here
+"""
+import base64
+import hashlib
+import heapq
+import json
+import os
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import tiktoken
+
+# tiktoken's pattern (Rust regex, Unicode classes) and the nearest Python `re` equivalent used
+# when counting chunks for training; the two agree on ordinary letters, digits and punctuation.
+PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PY_PATTERN = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
+SPECIAL_TOKENS = {"<|english|>": 0, "<|spanish|>": 1, "<|reserved2|>": 2, "<|reserved3|>": 3}
+DATASET_TOKENS = {"en": 0, "es": 1}  # the paper's dataset ids
+N_RESERVED = len(SPECIAL_TOKENS)
+
+
+def train_bpe(text, vocab_size, progress=None):
+    """Learn vocab_size - N_RESERVED - 256 merges; returns a list of merged byte strings in order."""
+    n_merges = vocab_size - N_RESERVED - 256
+    if n_merges < 0:
+        raise ValueError(f"vocab_size must be at least {N_RESERVED + 256}")
+    chunk_counts = Counter(PY_PATTERN.findall(text))
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]   # token sequences (ints)
+    freqs = list(chunk_counts.values())
+    vocab = [bytes([b]) for b in range(256)]                           # token -> bytes (local ids)
+
+    pair_counts = Counter()
+    pair_words = {}
+    for w, (tokens, f) in enumerate(zip(words, freqs)):
+        for pair in zip(tokens, tokens[1:]):
+            pair_counts[pair] += f
+            pair_words.setdefault(pair, set()).add(w)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges = []
+    while len(merges) < n_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg or -neg <= 0:
+            continue  # a stale heap entry: the count changed since it was pushed
+        new_id = len(vocab)
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        merges.append(vocab[new_id])
+        changed = Counter()
+        for w in pair_words.pop(pair):
+            tokens, f = words[w], freqs[w]
+            for p in zip(tokens, tokens[1:]):
+                changed[p] -= f
+            merged, i = [], 0
+            while i < len(tokens):
+                if i + 1 < len(tokens) and (tokens[i], tokens[i + 1]) == pair:
+                    merged.append(new_id)
+                    i += 2
+                else:
+                    merged.append(tokens[i])
+                    i += 1
+            words[w] = merged
+            for p in zip(merged, merged[1:]):
+                changed[p] += f
+                pair_words.setdefault(p, set()).add(w)
+        for p, delta in changed.items():
+            if delta:
+                pair_counts[p] += delta
+                heapq.heappush(heap, (-pair_counts[p], p))
+        del pair_counts[pair]
+        if progress:
+            progress(len(merges), n_merges)
+    return merges
+
+
+def save(merges, path):
+    """The tokenizer as JSON: the pattern, the special tokens and the merges (base64 bytes)."""
+    data = {"pattern": PATTERN, "special_tokens": SPECIAL_TOKENS,
+            "merges": [base64.b64encode(m).decode("ascii") for m in merges]}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def load(path):
+    """A tiktoken.Encoding for a tokenizer saved by save()."""
+    with open(path) as f:
+        data = json.load(f)
+    ranks = {bytes([b]): N_RESERVED + b for b in range(256)}
+    for i, m in enumerate(data["merges"]):
+        ranks[base64.b64decode(m)] = N_RESERVED + 256 + i
+    return tiktoken.Encoding(name=f"nanoreplay-bpe-{len(ranks) + N_RESERVED}", pat_str=data["pattern"],
+                             mergeable_ranks=ranks, special_tokens=data["special_tokens"])
+
+
+def fingerprint(path):
+    """A short id of a tokenizer file: data from different tokenizers must never be mixed."""
+    with open(path, "rb") as f:
+        return "bpe-" + hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def build_text_datasets(out_root, splits, vocab_size, source):
+    """Train one BPE on every language's train text, then write each language as a dataset in the
+    stream layout: out_root/tokenizer.json and out_root/<lang>/{train,val}.bin + meta.json.
+    splits: {lang: {"train": text, "val": text}} with lang in DATASET_TOKENS."""
+    os.makedirs(out_root, exist_ok=True)
+    t0 = time.time()
+    merges = train_bpe("".join(s["train"] for s in splits.values()), vocab_size)
+    tok_path = os.path.join(out_root, "tokenizer.json")
+    save(merges, tok_path)
+    encoding = load(tok_path)
+    print(f"trained BPE with {len(merges)} merges (vocab {encoding.n_vocab}) in {time.time() - t0:.0f}s")
+    for lang, texts in splits.items():
+        out_dir = os.path.join(out_root, lang)
+        os.makedirs(out_dir, exist_ok=True)
+        meta = {"kind": "text", "source": source, "language": lang, "tokenizer": fingerprint(tok_path),
+                "tokenizer_path": tok_path, "vocab_size": encoding.n_vocab, "dataset_token": DATASET_TOKENS[lang],
+                "row_len": None}
+        for split, text in texts.items():
+            ids = np.array(encoding.encode_ordinary(text), dtype=np.uint16)
+            ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
+            os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+            meta[f"n_{split}_tokens"] = int(len(ids))
+        with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+        print(f"{lang}: {meta['n_train_tokens']:,} train tokens, {meta['n_val_tokens']:,} val tokens")
+    return encoding
