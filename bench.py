@@ -1,84 +1,192 @@
 """
-Training throughput, measured side by side in one run: eager vs torch.compile, float32 vs bf16
-autocast, on the same model dims and batches. Prints a markdown table of tokens/s and the ratio to
-eager float32, and writes results/bench.json.
+Speed, measured side by side in one run on the same model dims:
 
-    python bench.py                                  # the toy model of toy_continual.sh
-    python bench.py --width=128 --depth=4 --block_size=128 --vocab_size=4096 --batch_size=32
+1. training step tokens/s: our hot path (torch.compile + bf16 autocast, and on CUDA our Triton
+   flash attention) against a plain nanoGPT-style baseline (eager, float32, attention through
+   PyTorch's SDPA), plus the two in between; also the finetuning step with the KL replay term;
+2. sampling tokens/s: KV-cache decoding (model.generate) against recomputing the whole prefix for
+   every new token;
+3. on CUDA only: causal attention forward+backward, flash (ours) vs SDPA vs naive (materialised
+   T x T), at T = 256 ... 4096 with head dim 64, and the model FLOP utilisation of the training step.
+
+Prints markdown tables and writes results/bench.json (train_speedup_vs_baseline,
+sample_speedup_vs_naive, ...).
+
+    python bench.py                          # 4 layers, D=128, T=128, V=4096 (the CPU-mini text model)
+    python bench.py --width=128 --depth=2 --head_dim=16 --block_size=14 --vocab_size=19 --batch_size=256
 """
-import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-from common import UserError, apply_overrides, fail, ntp_loss, pick_device, write_json
+import model as model_module
+from common import kl_loss, ntp_loss, pick_device, run, write_json
 from model import GPT, GPTConfig
 
 width = 128
-depth = 2
-head_dim = 16
-block_size = 14
-vocab_size = 19
-batch_size = 256
-warmup_steps = 5        # untimed steps first (compilation happens here)
+depth = 4
+head_dim = 32
+block_size = 128
+vocab_size = 4096
+batch_size = 32
+warmup_steps = 3         # untimed steps first (compilation happens here)
 timed_steps = 30
+sample_batch = 64          # replay corpora are sampled in large batches (sample_replay.py: 1024)
+new_tokens = 128
 device = "auto"
 out_json = "results/bench.json"
 
 
-def train_tokens_per_second(compiled, bf16, dev):
+def sync(dev):
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, dev, warmup, steps):
+    """Seconds per call after `warmup` untimed calls, and the seconds the warmup took."""
+    t0 = time.time()
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    warm = time.time() - t0
+    t0 = time.time()
+    for _ in range(steps):
+        fn()
+    sync(dev)
+    return (time.time() - t0) / steps, warm
+
+
+def new_model(dev, block=None):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size, block_size, width, depth, head_dim)).to(dev)
+    config = GPTConfig(vocab_size, block or block_size, width, depth, head_dim)
+    return GPT(config).to(dev)
+
+
+def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
+    """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: student on a new and a
+    replay batch, frozen teacher on the replay batch)."""
+    model_module.ATTENTION = attention
+    model = new_model(dev)
+    teacher = new_model(dev).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=dev)
-    autocast = torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=bf16)
+    replay = torch.randint(0, vocab_size, (batch_size, block_size), device=dev)
+    autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
 
     def step():
         with autocast:
             loss = ntp_loss(step_model(x), x)
+            if with_kl:
+                with torch.no_grad():
+                    teacher_logits = teacher(replay)
+                loss = loss + kl_loss(step_model(replay), teacher_logits)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    t0 = time.time()
-    for _ in range(warmup_steps):
-        step()
-    warmup_seconds = time.time() - t0
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    for _ in range(timed_steps):
-        step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return timed_steps * batch_size * block_size / (time.time() - t0), warmup_seconds
+    seconds, warm = timed(step, dev, warmup_steps, timed_steps)
+    model_module.ATTENTION = "auto"
+    tokens = batch_size * block_size * (2 if with_kl else 1)
+    return tokens / seconds, warm
+
+
+def sampling_speed(dev):
+    """(KV-cache tokens/s, naive tokens/s) for sample_batch sequences of new_tokens new tokens."""
+    model = new_model(dev, block=new_tokens + 1).eval()
+    prompt = torch.zeros(sample_batch, 1, dtype=torch.long, device=dev)
+
+    @torch.no_grad()
+    def naive():
+        seq = prompt
+        for _ in range(new_tokens):
+            probs = F.softmax(model(seq)[:, -1].float(), dim=-1)
+            seq = torch.cat([seq, torch.multinomial(probs, 1)], dim=1)
+        return seq
+
+    cached_s, _ = timed(lambda: model.generate(prompt, new_tokens), dev, 1, 3)
+    naive_s, _ = timed(naive, dev, 1, 2)
+    tokens = sample_batch * new_tokens
+    return tokens / cached_s, tokens / naive_s
+
+
+def attention_speeds(dev):
+    """CUDA: forward+backward milliseconds of flash vs SDPA vs naive causal attention, bf16."""
+    rows = []
+    flash = model_module._flash_attention()
+    for T in (256, 512, 1024, 2048, 4096):
+        B, H = max(1, 16384 // T), 8
+        q, k, v = (torch.randn(B, H, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        mask = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
+
+        def naive():
+            s = (q @ k.transpose(-1, -2)) / 8.0
+            return torch.softmax(s.masked_fill(mask, float("-inf")).float(), -1).to(q.dtype) @ v
+
+        fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), "naive": naive}
+        if flash is not None:
+            fns["flash"] = lambda: flash(q, k, v)
+        row = {"T": T}
+        for name, fn in fns.items():
+            row[name] = timed(lambda: fn().sum().backward(), dev, 3, 10)[0] * 1000
+        rows.append(row)
+    return rows
 
 
 def main():
     dev = pick_device(device)
-    print(f"model width {width} depth {depth} head_dim {head_dim}, batch {batch_size} x {block_size} tokens, "
-          f"{torch.get_num_threads()} threads on {dev}")
-    rows = {}
-    for compiled in (False, True):
-        for bf16 in (False, True):
-            name = f"{'compiled' if compiled else 'eager'} {'bf16' if bf16 else 'fp32'}"
-            rows[name] = train_tokens_per_second(compiled, bf16, dev)
-            print(f"  {name}: {rows[name][0]:,.0f} tokens/s (first {warmup_steps} steps took {rows[name][1]:.1f}s)")
-    base = rows["eager fp32"][0]
-    print("\n| training step | tokens/s | vs eager fp32 | first steps (s) |\n|---|---|---|---|")
-    for name, (tps, warm) in rows.items():
+    on_cuda = dev.startswith("cuda")
+    hot_attention = "auto"  # flash on CUDA when Triton is there, SDPA on CPU
+    print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, vocab {vocab_size}; "
+          f"batch {batch_size}; device {dev}" + ("" if on_cuda else f" ({torch.get_num_threads()} threads)"))
+
+    variants = {  # name: (compiled, bf16, attention)
+        "baseline: eager fp32 SDPA": (False, False, "sdpa"),
+        "eager bf16": (False, True, hot_attention),
+        "compiled fp32": (True, False, hot_attention),
+        "hot path: compiled bf16": (True, True, hot_attention),
+    }
+    train = {name: train_step_speed(dev, *v) for name, v in variants.items()}
+    base = train["baseline: eager fp32 SDPA"][0]
+    print("\n| training step | tokens/s | vs baseline | first steps (s) |\n|---|---|---|---|")
+    for name, (tps, warm) in train.items():
         print(f"| {name} | {tps:,.0f} | {tps / base:.2f}x | {warm:.1f} |")
-    write_json(out_json, {"device": dev, "threads": torch.get_num_threads(),
-                          "config": {k: globals()[k] for k in ("width", "depth", "head_dim", "block_size",
-                                                               "vocab_size", "batch_size")},
-                          "train_tokens_per_second": {k: v[0] for k, v in rows.items()},
-                          "compile_speedup": rows["compiled fp32"][0] / base})
+
+    kl_base = train_step_speed(dev, False, False, "sdpa", with_kl=True)[0]
+    kl_hot = train_step_speed(dev, True, True, hot_attention, with_kl=True)[0]
+    print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path {kl_hot:,.0f} tokens/s "
+          f"({kl_hot / kl_base:.2f}x)")
+
+    cached, naive = sampling_speed(dev)
+    print(f"\nsampling {sample_batch} x {new_tokens} new tokens: KV cache {cached:,.0f} tokens/s, "
+          f"naive prefix recomputation {naive:,.0f} tokens/s ({cached / naive:.1f}x)")
+
+    report = {
+        "device": torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads",
+        "config": {k: globals()[k] for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
+        "train_tokens_per_second": {name: v[0] for name, v in train.items()},
+        "train_speedup_vs_baseline": train["hot path: compiled bf16"][0] / base,
+        "finetune_kl_speedup_vs_baseline": kl_hot / kl_base,
+        "sample_tokens_per_second": {"kv_cache": cached, "naive": naive},
+        "sample_speedup_vs_naive": cached / naive,
+    }
+    if on_cuda:
+        rows = attention_speeds(dev)
+        print("\n| T | flash fwd+bwd (ms) | SDPA (ms) | naive (ms) | flash vs SDPA |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['T']} | {r.get('flash', float('nan')):.3f} | {r['sdpa']:.3f} | {r['naive']:.3f} | "
+                  f"{r['sdpa'] / r.get('flash', float('nan')):.2f}x |")
+        report["attention_ms"] = rows
+        # model FLOPs per token: 6 N for the weights plus 6 L T D for attention (causal halves 12 L T D)
+        n_params = 12 * depth * width ** 2 + width * vocab_size
+        flops_per_token = 6 * n_params + 6 * depth * block_size * width
+        peak = 989e12 if "H100" in report["device"] or "H200" in report["device"] else float("nan")
+        report["mfu"] = train["hot path: compiled bf16"][0] * flops_per_token / peak
+        print(f"\nMFU of the hot-path training step: {report['mfu']:.1%} (of {peak / 1e12:.0f} TFLOP/s bf16)")
+    write_json(out_json, report)
+    print(f"\nwrote {out_json}")
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except UserError as e:
-        fail(e)
+    run(main, globals())

@@ -13,7 +13,6 @@ Naming: `width` is the residual width D, `depth` the number of blocks L, and `he
 one attention head. The number of heads is derived (`width // head_dim`). The paper's config calls
 the head size "H", which is easy to misread as a head count; here nothing is called H.
 """
-import math
 from dataclasses import dataclass, asdict
 
 import torch
@@ -48,6 +47,22 @@ def rms_norm(x, eps=1e-6):
     return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
+ATTENTION = "auto"  # "auto": our Triton flash attention on CUDA when available, else "sdpa" (PyTorch's)
+_flash = None
+
+
+def _flash_attention():
+    """flash_attention.flash_attention, or None where Triton is missing (it is optional)."""
+    global _flash
+    if _flash is None:
+        try:
+            from flash_attention import flash_attention
+            _flash = flash_attention
+        except ImportError:
+            _flash = False
+    return _flash or None
+
+
 def causal_attention(q, k, v):
     """Causal self-attention, the single place attention is computed.
 
@@ -57,6 +72,9 @@ def causal_attention(q, k, v):
     """
     Tq, Tk = q.size(-2), k.size(-2)
     if Tq == Tk:
+        use_flash = ATTENTION == "flash" or (ATTENTION == "auto" and q.is_cuda and q.size(-1) in (16, 32, 64, 128))
+        if use_flash and _flash_attention() is not None:
+            return _flash_attention()(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if Tq == 1:  # one new token may look at every cached position: no mask needed
         return F.scaled_dot_product_attention(q, k, v)

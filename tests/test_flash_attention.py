@@ -1,0 +1,52 @@
+"""The hand-written Triton flash attention, run on CPU by Triton's interpreter at tiny sizes:
+forward output and the three input gradients against a float64 reference."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined (module import)
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the kernel tests need triton (requirements-test.txt installs it)")
+from flash_attention import flash_attention  # noqa: E402
+
+
+def reference(q, k, v):
+    """Causal attention written out in float64: softmax(q k^T / sqrt(d) + mask) v."""
+    q, k, v = q.double(), k.double(), v.double()
+    T = q.size(-2)
+    scores = q @ k.transpose(-1, -2) / q.size(-1) ** 0.5
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("T,head_dim", [(16, 16), (37, 16), (50, 32), (70, 16)])  # 37, 50, 70: not block multiples
+def test_forward_and_gradients_match_float64(T, head_dim):
+    torch.manual_seed(T)
+    q, k, v = (torch.randn(2, 2, T, head_dim, requires_grad=True) for _ in range(3))
+    out = flash_attention(q, k, v)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = reference(q64, k64, v64)
+    ref.backward(grad_out.double())
+    assert relative_error(out, ref) < 1e-4
+    for ours, theirs in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert relative_error(ours, theirs) < 1e-4
+
+
+def test_matches_pytorch_sdpa_in_the_model_layout():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 24, 32) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert relative_error(flash_attention(q, k, v), expected) < 1e-5
+
+
+def test_unsupported_head_dim_is_refused():
+    with pytest.raises(ValueError, match="head_dim"):
+        flash_attention(*(torch.randn(1, 1, 16, 24) for _ in range(3)))
