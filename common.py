@@ -181,11 +181,16 @@ def load_for_resume(path, run_config):
     return ckpt
 
 
-def truncate_log(path, step):
-    """Drop log records written after `step` (by the run that was interrupted)."""
-    if os.path.exists(path):
-        kept = [r for r in read_jsonl(path) if r["step"] <= step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+def prepare_log(path, start_step):
+    """A fresh run starts a fresh log; a resumed run keeps the records up to its checkpoint and
+    drops those the interrupted run wrote after it."""
+    if not os.path.exists(path):
+        return
+    if start_step == 0:
+        os.remove(path)
+        return
+    kept = [r for r in read_jsonl(path) if r["step"] <= start_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ----------------------------------------------------------------------------------------------

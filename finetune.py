@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_finite,
                     config_snapshot, eval_loss, from_rank0, global_mean, kl_loss, load_checkpoint,
                     load_corpus, load_for_resume, lr_at, ntp_loss, pick_device, restore_rng, rng_state, run,
-                    save_checkpoint, set_seed, setup_distributed, shard, truncate_log)
+                    save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -229,7 +229,8 @@ def main():
         print(f"finetune {init_from} on {dataset}: {max_steps} steps, batch {batch_size}, lr {learning_rate}; "
               f"replay {replay}" + (f" x{replay_coeff} from {replay_stream.description}" if replay_stream else "")
               + (f"; LwF x{lwf_coeff}" if lwf_coeff else "") + (f"; {n_mix} rows of {mix_dataset}" if mix else "")
-              + (f"; LoRA rank {lora_rank}" if lora_rank else "") + (f"; {world_size} processes" if world_size > 1 else ""))
+              + (f"; LoRA rank {lora_rank}" if lora_rank else "")
+              + (f"; {world_size} processes" if world_size > 1 else ""))
 
     if lora_rank:
         add_lora(student, lora_rank, lora_alpha or float(lora_rank))
@@ -252,12 +253,10 @@ def main():
         start_step = state["step"]
         print(f"resuming {ckpt_path} at step {start_step}")
     if is_main:
-        print(f"training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in student.parameters()):,} parameters")
+        n_total = sum(p.numel() for p in student.parameters())
+        print(f"training {sum(p.numel() for p in trainable):,} of {n_total:,} parameters")
         os.makedirs(out_dir, exist_ok=True)
-        if start_step:
-            truncate_log(log_path, start_step)
-        elif os.path.exists(log_path):
-            os.remove(log_path)
+        prepare_log(log_path, start_step)
 
     objective = Objective(torch.compile(student) if compile else student, teacher)
     step_objective = DistributedDataParallel(objective) if world_size > 1 else objective

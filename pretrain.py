@@ -21,7 +21,7 @@ from tqdm import tqdm
 from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_finite,
                     config_snapshot, eval_loss, from_rank0, global_mean, load_for_resume, lr_at, ntp_loss,
                     pick_device, restore_rng, rng_state, run, sample_mixture, save_checkpoint, set_seed,
-                    setup_distributed, shard, truncate_log)
+                    setup_distributed, shard, prepare_log)
 from model import GPT, GPTConfig, count_parameters
 
 # -- I/O
@@ -121,10 +121,7 @@ def main():
               f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
               + (f"; {world_size} processes" if world_size > 1 else ""))
         os.makedirs(out_dir, exist_ok=True)
-        if start_step:
-            truncate_log(log_path, start_step)
-        elif os.path.exists(log_path):
-            os.remove(log_path)  # a fresh run starts a fresh log
+        prepare_log(log_path, start_step)
 
     train_model = torch.compile(model) if compile else model
     if world_size > 1:
