@@ -4,8 +4,8 @@ Speed, measured side by side in one run on the same model dims:
 1. training step tokens/s: our hot path (torch.compile + bf16 autocast, and on CUDA our Triton
    flash attention) against a plain nanoGPT-style baseline (eager, float32, attention through
    PyTorch's SDPA), plus the two in between; also the finetuning step with the KL replay term;
-2. sampling tokens/s: KV-cache decoding (model.generate) against recomputing the whole prefix for
-   every new token;
+2. sampling tokens/s: KV-cache decoding (model.generate), eager and with its compiled fixed-shape
+   decode step, against recomputing the whole prefix for every new token;
 3. on CUDA only: causal attention forward+backward, flash (ours) vs SDPA vs naive (materialised
    T x T), at T = 256 ... 4096 with head dim 64, and the model FLOP utilisation of the training step.
 
@@ -93,7 +93,8 @@ def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
 
 
 def sampling_speed(dev):
-    """(KV-cache tokens/s, naive tokens/s) for sample_batch sequences of new_tokens new tokens."""
+    """Tokens/s of KV-cache decoding, eager and with the compiled fixed-shape step (a CUDA graph on
+    GPU), and of naive prefix recomputation, for sample_batch sequences of new_tokens new tokens."""
     model = new_model(dev, block=new_tokens + 1).eval()
     prompt = torch.zeros(sample_batch, 1, dtype=torch.long, device=dev)
 
@@ -106,15 +107,16 @@ def sampling_speed(dev):
         return seq
 
     cached_s, _ = timed(lambda: model.generate(prompt, new_tokens), dev, 1, 3)
+    compiled_s, _ = timed(lambda: model.generate(prompt, new_tokens, compile_step=True), dev, 1, 3)
     naive_s, _ = timed(naive, dev, 1, 2)
     tokens = sample_batch * new_tokens
-    return tokens / cached_s, tokens / naive_s
+    return tokens / cached_s, tokens / compiled_s, tokens / naive_s
 
 
 def attention_speeds(dev):
     """CUDA: forward+backward milliseconds of flash vs SDPA vs naive causal attention, bf16."""
     rows = []
-    flash = model_module._flash_attention()
+    flash = model_module._flash_attention(dev)
     for T in (256, 512, 1024, 2048, 4096):
         B, H = max(1, 16384 // T), 8
         q, k, v = (torch.randn(B, H, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -158,9 +160,10 @@ def main():
     print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path {kl_hot:,.0f} tokens/s "
           f"({kl_hot / kl_base:.2f}x)")
 
-    cached, naive = sampling_speed(dev)
-    print(f"\nsampling {sample_batch} x {new_tokens} new tokens: KV cache {cached:,.0f} tokens/s, "
-          f"naive prefix recomputation {naive:,.0f} tokens/s ({cached / naive:.1f}x)")
+    cached, compiled, naive = sampling_speed(dev)
+    print(f"\nsampling {sample_batch} x {new_tokens} new tokens: KV cache {cached:,.0f} tokens/s "
+          f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s ({compiled / naive:.1f}x), "
+          f"naive prefix recomputation {naive:,.0f} tokens/s")
 
     report = {
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads",
@@ -168,8 +171,9 @@ def main():
         "train_tokens_per_second": {name: v[0] for name, v in train.items()},
         "train_speedup_vs_baseline": train["hot path: compiled bf16"][0] / base,
         "finetune_kl_speedup_vs_baseline": kl_hot / kl_base,
-        "sample_tokens_per_second": {"kv_cache": cached, "naive": naive},
+        "sample_tokens_per_second": {"kv_cache": cached, "kv_cache_compiled_step": compiled, "naive": naive},
         "sample_speedup_vs_naive": cached / naive,
+        "sample_compiled_speedup_vs_naive": compiled / naive,
     }
     if on_cuda:
         rows = attention_speeds(dev)

@@ -13,6 +13,7 @@ Naming: `width` is the residual width D, `depth` the number of blocks L, and `he
 one attention head. The number of heads is derived (`width // head_dim`). The paper's config calls
 the head size "H", which is easy to misread as a head count; here nothing is called H.
 """
+import sys
 from dataclasses import dataclass, asdict
 
 import torch
@@ -51,30 +52,42 @@ ATTENTION = "auto"  # "auto": our Triton flash attention on CUDA when available,
 _flash = None
 
 
-def _flash_attention():
-    """flash_attention.flash_attention, or None where Triton is missing (it is optional)."""
+def _flash_attention(device="cuda"):
+    """flash_attention.flash_attention, or None where Triton is missing (it is optional) or where the
+    kernel fails a one-time check against SDPA on this device (then a warning says so, once)."""
     global _flash
     if _flash is None:
+        _flash = False
         try:
             from flash_attention import flash_attention
+            generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG untouched
+            q, k, v = (torch.randn(1, 2, 80, 64, device=device, generator=generator) for _ in range(3))
+            error = (flash_attention(q, k, v) - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max()
+            if error > 1e-3:
+                raise RuntimeError(f"differs from SDPA by {error.item():.2e}")
             _flash = flash_attention
         except ImportError:
-            _flash = False
+            pass
+        except Exception as e:  # a GPU/Triton combination the kernel was not built for
+            print(f"warning: flash attention unavailable ({type(e).__name__}: {e}); using SDPA", file=sys.stderr)
     return _flash or None
 
 
-def causal_attention(q, k, v):
+def causal_attention(q, k, v, visible=None):
     """Causal self-attention, the single place attention is computed.
 
     q: (B, heads, Tq, head_dim), k and v: (B, heads, Tk, head_dim) with Tq <= Tk. The Tq queries are
     the *last* Tq positions of the Tk keys (this covers training, where Tq == Tk, and KV-cache
-    decoding, where new queries attend to everything cached before them).
+    decoding, where new queries attend to everything cached before them). Fixed-shape decoding
+    instead passes the whole cache and `visible`, a (1, Tk) mask of the positions filled so far.
     """
     Tq, Tk = q.size(-2), k.size(-2)
+    if visible is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     if Tq == Tk:
         use_flash = ATTENTION == "flash" or (ATTENTION == "auto" and q.is_cuda and q.size(-1) in (16, 32, 64, 128))
-        if use_flash and _flash_attention() is not None:
-            return _flash_attention()(q, k, v)
+        if use_flash and _flash_attention(q.device) is not None:
+            return _flash(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if Tq == 1:  # one new token may look at every cached position: no mask needed
         return F.scaled_dot_product_attention(q, k, v)
@@ -99,19 +112,31 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Preallocated keys and values for incremental decoding: one (B, heads, block_size, head_dim)
-    buffer per layer, filled left to right. `length` is how many positions hold valid entries."""
+    buffer per layer, filled left to right, allocated once. `length` is how many positions hold
+    valid entries. After `fix_shapes()`, decoding writes at `position`, a tensor, and attends over
+    the whole buffer under a mask: every step then has the same shapes, whatever the position."""
 
     def __init__(self, config, batch_size, device, dtype):
         shape = (batch_size, config.n_heads, config.block_size, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
         self.length = 0
+        self.positions = torch.arange(config.block_size, device=device)
+        self.position = None
+
+    def fix_shapes(self):
+        self.position = torch.tensor([self.length], device=self.positions.device)
 
     def update(self, layer, k, v):
+        """Store new keys/values; returns (keys, values, visible mask or None) to attend over."""
+        if self.position is not None:
+            self.k[layer].index_copy_(2, self.position, k)
+            self.v[layer].index_copy_(2, self.position, v)
+            return self.k[layer], self.v[layer], (self.positions <= self.position).view(1, -1)
         start, end = self.length, self.length + k.size(-2)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], None
 
 
 class Attention(nn.Module):
@@ -129,9 +154,10 @@ class Attention(nn.Module):
         q, k, v = heads(q), heads(k), heads(v)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm keeps attention logits bounded
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        visible = None
         if cache is not None:
-            k, v = cache.update(self.layer_index, k, v)
-        y = causal_attention(q, k, v)
+            k, v, visible = cache.update(self.layer_index, k, v)
+        y = causal_attention(q, k, v, visible)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -190,22 +216,42 @@ class GPT(nn.Module):
             cache.length += T
         return self.unembed(rms_norm(x))
 
+    def decode_step(self, token, cache):
+        """Logits (B, V) for one new token per row, token (B, 1), at position cache.position. All
+        shapes are fixed, so this step compiles once (and becomes a CUDA graph on GPU)."""
+        cos, sin = self.rope_cos.index_select(0, cache.position), self.rope_sin.index_select(0, cache.position)
+        x = self.embed(token)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        return self.unembed(rms_norm(x))[:, -1]
+
+    def compiled_decode_step(self):
+        """decode_step compiled once per model (CUDA graphs on GPU: "reduce-overhead")."""
+        if getattr(self, "_compiled_step", None) is None:
+            mode = "reduce-overhead" if self.embed.weight.is_cuda else None
+            self._compiled_step = torch.compile(self.decode_step, mode=mode, dynamic=False)
+        return self._compiled_step
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, compile_step=False):
         """Continue every row of idx (B, T0) by max_new_tokens tokens, decoding one token at a time
         with a KV cache. temperature=0 means greedy; top_k=None samples from the full distribution
-        (what self-generated replay wants: the model's own distribution, untruncated)."""
+        (what self-generated replay wants: the model's own distribution, untruncated).
+        compile_step=True compiles the fixed-shape decode step (pays off for long sampling runs)."""
         total = idx.size(1) + max_new_tokens
         if total > self.config.block_size:
             raise ValueError(f"prompt + new tokens = {total} exceeds block_size={self.config.block_size}")
         cache = KVCache(self.config, idx.size(0), idx.device, self.embed.weight.dtype)
         out = torch.empty(idx.size(0), total, dtype=idx.dtype, device=idx.device)
         out[:, :idx.size(1)] = idx
-        logits = self(idx, cache)[:, -1]
+        logits = self(idx, cache)[:, -1]          # the prompt in one pass
+        cache.fix_shapes()
+        step = self.compiled_decode_step() if compile_step else self.decode_step
         for pos in range(idx.size(1), total):
             out[:, pos] = sample_next(logits, temperature, top_k, generator)
             if pos + 1 < total:
-                logits = self(out[:, pos:pos + 1], cache)[:, -1]
+                logits = step(out[:, pos:pos + 1], cache)
+                cache.position += 1
         return out
 
 

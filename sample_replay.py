@@ -29,6 +29,7 @@ temperature = 1.0                # 1.0 = the model's own distribution (what repl
 top_k = 0                        # 0 = no truncation
 length = 0                       # tokens per sequence including the prompt; 0 = the model's block_size
 device = "auto"
+compile = False                  # compile the fixed-shape decode step (a CUDA graph on GPU): for long runs
 seed = 1337
 resume = False                   # continue from <out>.partial, written after every batch
 
@@ -71,7 +72,7 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
     for i in tqdm(range(done, len(prompt_tokens), batch_size), desc="sampling", dynamic_ncols=True):
         idx = prompt_tokens[i:i + batch_size, None].to(device)
         out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
-                                  generator=generator).cpu())
+                                  generator=generator, compile_step=compile).cpu())
         if partial_path:
             atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(), "seed": seed,
                                "batch_size": batch_size, "prompts": prompt_tokens}, partial_path)

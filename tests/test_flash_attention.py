@@ -50,3 +50,15 @@ def test_matches_pytorch_sdpa_in_the_model_layout():
 def test_unsupported_head_dim_is_refused():
     with pytest.raises(ValueError, match="head_dim"):
         flash_attention(*(torch.randn(1, 1, 16, 24) for _ in range(3)))
+
+
+def test_the_model_runs_on_the_kernel_when_asked(monkeypatch):
+    import model
+    monkeypatch.setattr(model, "ATTENTION", "flash")   # on CUDA "auto" picks it; on CPU only on request
+    torch.manual_seed(0)
+    gpt = model.GPT(model.GPTConfig(vocab_size=50, block_size=32, width=64, depth=1, head_dim=32))
+    x = torch.randint(0, 50, (2, 24))
+    with_kernel = gpt(x)
+    assert model._flash is not None and model._flash is not False   # passed its self-check
+    monkeypatch.setattr(model, "ATTENTION", "sdpa")
+    assert relative_error(with_kernel, gpt(x)) < 1e-5

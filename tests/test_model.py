@@ -93,3 +93,25 @@ def test_parameter_count_reports_actual_and_paper_formula():
     assert paper == 12 * 6 * 256 ** 2 + 256 * 4096 == 5_767_168  # "5.8M" in the paper
     # the formula leaves out the second (untied) embedding matrix, nothing else
     assert actual == paper + 256 * 4096
+
+
+def test_fixed_shape_decode_step_matches_full_forward_logits():
+    model = tiny()
+    x = torch.randint(0, 23, (3, 16))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.config, 3, "cpu", torch.float32)
+        model(x[:, :4], cache)
+        cache.fix_shapes()
+        for t in range(4, 16):
+            step_logits = model.decode_step(x[:, t:t + 1], cache)
+            cache.position += 1
+            assert (step_logits - full[:, t]).abs().max().item() < 1e-5
+
+
+def test_compiled_decode_step_generates_the_same_tokens():
+    model = tiny()
+    prompt = torch.randint(0, 23, (4, 2))
+    eager = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3))
+    compiled = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3), compile_step=True)
+    assert torch.equal(eager, compiled)
