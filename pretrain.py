@@ -8,7 +8,7 @@ Stage 1: pretrain a GPT from scratch, to saturation, on one dataset or a mixture
 Every constant below can be overridden with --key=value. The run writes out_dir/ckpt.pt (weights,
 model config, data metadata, and the optimizer / generator state to --resume from) at every
 evaluation, atomically, and out_dir/log.jsonl (one line per evaluation). Several processes:
-    torchrun --nproc_per_node=2 pretrain.py ...   (gloo on CPU, nccl on CUDA; same global batch)
+    torchrun --standalone --nproc_per_node=2 pretrain.py ...   (gloo on CPU, nccl on CUDA; same global batch)
 """
 import math
 import os

@@ -224,8 +224,10 @@ def test_torchrun_two_processes_match_one_process(tiny_checkpoint, toy_data, tmp
     for name, argv in runs.items():
         one = script(*argv, *common, f"--out_dir={tmp_path / name / 'one'}")
         assert one.returncode == 0, one.stderr[-2000:]
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *argv, *common,
-                              f"--out_dir={tmp_path / name / 'two'}"], cwd=REPO, capture_output=True, text=True)
+        # --standalone: a free local port for every run, so back-to-back runs never collide
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        two = subprocess.run([*torchrun, *argv, *common, f"--out_dir={tmp_path / name / 'two'}"],
+                             cwd=REPO, capture_output=True, text=True)
         assert two.returncode == 0, two.stderr[-2000:]
         logs = [[json.loads(l) for l in open(tmp_path / name / d / "log.jsonl")] for d in ("one", "two")]
         assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4, 5]
