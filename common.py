@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import os
+import socket
 import sys
 
 import numpy as np
@@ -34,6 +35,7 @@ def run(main, config):
         main()
     except UserError as e:
         fail(e)
+    finish_distributed()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,8 +111,22 @@ def setup_distributed(device):
     if on_cuda:
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
+    elif os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        # Every process is on this machine, so gloo can talk over loopback, which is always there,
+        # rather than over whatever interface the hostname happens to resolve to.
+        loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+        if loopback:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
     dist.init_process_group(backend="nccl" if on_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def finish_distributed():
+    """Leave the process group together: without this, the first rank to exit closes its sockets
+    while the others may still be writing checkpoints and talking to it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard(batch, rank, world_size):

@@ -227,8 +227,9 @@ def test_torchrun_two_processes_match_one_process(tiny_checkpoint, toy_data, tmp
         # --standalone: a free local port for every run, so back-to-back runs never collide
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         two = subprocess.run([*torchrun, *argv, *common, f"--out_dir={tmp_path / name / 'two'}"],
-                             cwd=REPO, capture_output=True, text=True)
-        assert two.returncode == 0, two.stderr[-2000:]
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        # the workers' own messages come first; torchrun's summary at the end says only who died
+        assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "it/s" not in l)[:4000]
         logs = [[json.loads(l) for l in open(tmp_path / name / d / "log.jsonl")] for d in ("one", "two")]
         assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4, 5]
         for a, b in zip(*logs):
