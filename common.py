@@ -122,11 +122,16 @@ def setup_distributed(device):
 
 
 def finish_distributed():
-    """Leave the process group together: without this, the first rank to exit closes its sockets
-    while the others may still be writing checkpoints and talking to it."""
+    """Leave the process group together, then exit at once. Every output is already written (and
+    atomically), and a normal interpreter exit would run C++ destructors of torch's background
+    threads: on a loaded machine one of them now and then aborts the process ("terminate called
+    without an active exception", exit code -6) after the run has succeeded."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def shard(batch, rank, world_size):
@@ -199,14 +204,16 @@ def load_for_resume(path, run_config):
 
 def prepare_log(path, start_step):
     """A fresh run starts a fresh log; a resumed run keeps the records up to its checkpoint and
-    drops those the interrupted run wrote after it."""
+    drops those the interrupted run wrote after it. Returns the last record kept (None if none), from
+    which a resumed run continues its running totals."""
     if not os.path.exists(path):
-        return
+        return None
     if start_step == 0:
         os.remove(path)
-        return
+        return None
     kept = [r for r in read_jsonl(path) if r["step"] <= start_step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept[-1] if kept else None
 
 
 # ----------------------------------------------------------------------------------------------

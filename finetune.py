@@ -256,15 +256,20 @@ def main():
         n_total = sum(p.numel() for p in student.parameters())
         print(f"training {sum(p.numel() for p in trainable):,} of {n_total:,} parameters")
         os.makedirs(out_dir, exist_ok=True)
-        prepare_log(log_path, start_step)
+        last_record = prepare_log(log_path, start_step) or {}
 
     objective = Objective(torch.compile(student) if compile else student, teacher)
     step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
     autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
+    # seconds spent in training steps alone (no evaluation, no checkpoints): the compute axis of the
+    # learning-rate study, carried over when a run resumes
+    train_seconds = last_record.get("train_seconds", 0.0) if is_main else 0.0
+
     def evaluate(step, losses, t0):
         student.eval()
-        record = {"step": step, "seconds": round(time.time() - t0, 2), **losses}
+        record = {"step": step, "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
+                  **losses}
         for name, d in tracked.items():
             record[f"val_loss/{d.short_name}"] = eval_loss(student, d, T, max_sequences=eval_sequences, device=dev)
             if "answer_start" in d.meta:
@@ -287,6 +292,7 @@ def main():
     stop_reason = "target not reached" if target_val_loss else "max_steps"
     pbar = tqdm(range(start_step, max_steps), desc="finetune", dynamic_ncols=True, disable=not is_main)
     for step in pbar:
+        step_started = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, max_steps, learning_rate, warmup_steps, schedule)
         # every rank draws the same global batches and keeps its own slice
@@ -302,7 +308,8 @@ def main():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        parts = {k: global_mean(v, world_size).item() for k, v in parts.items()}
+        parts = {k: global_mean(v, world_size).item() for k, v in parts.items()}  # .item() waits for the step
+        train_seconds += time.time() - step_started
         pbar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
 
         if (step + 1) % eval_interval == 0 or step + 1 == max_steps:

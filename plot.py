@@ -10,7 +10,10 @@ task boundaries marked. Reads <toy_dir>/pretrain/log.jsonl and <toy_dir>/<arm>/<
 the layout toy_continual.sh writes.
 frontier: old-data loss against new-data loss along each finetuning run: a method that forgets
 less stays lower at the same new-data loss.
+sweep_size, sweep_tpp, sweep_mixture, sweep_lr, sweep_compute: the capacity and learning-rate
+studies, drawn from the results/sweep_<study>.json that sweep.py writes (--results=PATH).
 """
+import json
 import os
 
 import matplotlib
@@ -30,6 +33,8 @@ arms = "no_replay,replay"
 runs = ""                       # comma-separated name=log.jsonl
 old = "add"                     # dataset short names as they appear in the logs (val_loss/<name>)
 new = "sort"
+# sweep_*
+results = ""                    # results/sweep_<study>.json
 
 ARM_TITLES = {"no_replay": "no replay", "replay": "self-generated replay"}
 
@@ -101,13 +106,143 @@ def frontier_figure():
     return fig
 
 
+# ----------------------------------------------------------------------------------------------
+# the capacity and learning-rate studies (sweep.py). A hollow marker is a run that hit its step cap
+# before reaching the Spanish target: its forgetting is measured at a higher Spanish loss.
+
+def coeff_lines(ax, rows, x_key, coeffs):
+    """Forgetting against x_key, one line per KL replay coefficient."""
+    for i, c in enumerate(rows[0]["finetune"]):
+        if c not in coeffs:
+            continue
+        xs = [row[x_key] for row in rows]
+        outcomes = [row["finetune"][c] for row in rows]
+        label = "plain finetuning" if float(c) == 0 else f"KL self-replay, coeff {c}"
+        ax.plot(xs, [o["forgetting"] for o in outcomes], marker="o", color=f"C{i}", label=label)
+        for x, o in zip(xs, outcomes):
+            if not o["reached"]:
+                ax.plot([x], [o["forgetting"]], marker="o", ms=9, mfc="white", color=f"C{i}")
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def forgetting_panels(rows, x_key, tick_labels, xlabel, title):
+    """Left: every coefficient; right: the replay runs alone, whose forgetting is 10x smaller."""
+    coeffs = list(rows[0]["finetune"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    coeff_lines(axes[0], rows, x_key, coeffs)
+    coeff_lines(axes[1], rows, x_key, [c for c in coeffs if float(c) > 0])
+    for ax in axes:
+        ax.set_xticks([row[x_key] for row in rows], tick_labels, fontsize=8)
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel("forgetting: English loss increase")
+    axes[1].set_title("replay runs only (hollow: step cap hit before the Spanish target)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def sweep_size_figure(result):
+    rows = result["models"]
+    return forgetting_panels(rows, "paper_params",
+                             [f"D={r['width']}\n{r['paper_params'] / 1e3:.0f}k\n{r['tokens_per_param']:.0f} TPP" for r in rows],
+                             "model width, parameters (12LD^2+DV), tokens/param pretrained",
+                             f"Forgetting vs model size: every model pretrained to English loss {result['english_target']:.3f}, "
+                             f"finetuned to Spanish loss {result['spanish_target']:.3f}")
+
+
+def sweep_tpp_figure(result):
+    rows = result["models"]
+    return forgetting_panels(rows, "tpp", [f"{r['tpp']:g}\n(en {r['en_loss']:.2f})" for r in rows],
+                             f"pretraining tokens per parameter (width {result['width']}), English loss reached",
+                             f"Forgetting vs pretraining length, finetuned to Spanish loss {result['spanish_target']:.3f}")
+
+
+def sweep_mixture_figure(result):
+    lengths = result["lengths"]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), sharey=True)
+    for ax, (label, length) in zip(axes, lengths.items()):
+        frontier = length["frontier"]
+        ax.plot([p["es_loss"] for p in frontier], [p["en_loss"] for p in frontier], "k--", marker="s",
+                label="pretrained on a mixture")
+        for p in frontier:
+            ax.annotate(f"{p['es_share']:.0%} es", (p["es_loss"], p["en_loss"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+        for name, trajectory in length["finetune"].items():
+            ax.plot([r["es_loss"] for r in trajectory], [r["en_loss"] for r in trajectory], marker="o", ms=2,
+                    label=f"English model finetuned on Spanish: {name}")
+        ax.set_title(f"{label}: {length['tpp']:g} tokens/param", fontsize=10)
+        ax.set_xlabel("Spanish loss")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("English loss")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def sweep_lr_figure(result):
+    rows = result["runs_table"]
+    finetune_lrs = sorted({r["finetune_lr"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, c, title in ((axes[0], 0.0, "plain finetuning"), (axes[1], 1.0, "KL self-replay, coeff 1")):
+        for i, plr in enumerate(sorted({r["pretrain_lr"] for r in rows})):
+            sel = sorted((r for r in rows if r["pretrain_lr"] == plr and r["kl_coeff"] == c),
+                         key=lambda r: r["finetune_lr"])
+            ax.plot([r["finetune_lr"] for r in sel], [r["en_after"] for r in sel], marker="o", color=f"C{i}",
+                    label=f"pretrain LR {plr:g} (English {sel[0]['en_before']:.3f} before)")
+            for r in sel:
+                if not r["reached"]:
+                    ax.plot([r["finetune_lr"]], [r["en_after"]], marker="o", ms=9, mfc="white", color=f"C{i}")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(finetune_lrs, [f"{lr:g}" for lr in finetune_lrs])
+        ax.set_xlabel("finetuning learning rate")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("English loss after finetuning")
+    fig.suptitle(f"Pretraining and finetuning learning rates, finetuned to Spanish loss {result['spanish_target']:.3f}",
+                 fontsize=10)
+    return fig
+
+
+def sweep_compute_figure(result):
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    for i, arm in enumerate(result["arms"]):
+        seconds, english = zip(*arm["curve"])
+        style = "--" if arm["replay_fraction"] else "-"
+        ax.plot(seconds, english, style, color=f"C{i}", lw=1, alpha=0.6)
+        ax.plot([arm["train_seconds"]], [arm["en_after"]], marker="o", color=f"C{i}",
+                mfc=None if arm["reached"] else "white", label=arm["arm"])
+    s = result["summary"]
+    if s["time_ratio"]:
+        ax.set_title(f"{s['matched_arm']} matches {s['slow_arm']}'s English loss in {s['time_ratio']:.1f}x "
+                     f"less training time", fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("training seconds (2 CPU cores); dot = Spanish target reached")
+    ax.set_ylabel("English loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+SWEEP_FIGURES = {"sweep_size": sweep_size_figure, "sweep_tpp": sweep_tpp_figure, "sweep_mixture": sweep_mixture_figure,
+                 "sweep_lr": sweep_lr_figure, "sweep_compute": sweep_compute_figure}
+
+
 def main():
     if figure == "toy_continual":
         fig = toy_continual_figure()
     elif figure == "frontier":
         fig = frontier_figure()
+    elif figure in SWEEP_FIGURES:
+        if not os.path.exists(results):
+            raise UserError(f"--results={results!r} not found: run python sweep.py --study={figure[6:]} first")
+        fig = SWEEP_FIGURES[figure](json.load(open(results)))
     else:
-        raise UserError(f"--figure={figure!r} must be toy_continual or frontier")
+        raise UserError(f"--figure={figure!r} must be toy_continual, frontier or one of {', '.join(SWEEP_FIGURES)}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.tight_layout()
     tmp = out + ".tmp.png"

@@ -4,10 +4,13 @@ from the Debian SWORD packages by our own reader of the zText format, restricted
 translations share (the 66 of the Protestant canon), tokenized with a BPE trained on both.
 
     apt-get install -y --no-install-recommends sword-text-web sword-text-sparv
-    python data/bible/prepare.py [--modules_dir=/usr/share/sword] [--vocab_size=4096]
+    python data/bible/prepare.py [--modules_dir=/usr/share/sword] [--vocab_size=4096] [--out=bible]
 
-Writes data/bible/tokenizer.json and data/bible/{en,es}/{train,val}.bin + meta.json in the stream
-layout (dataset token English 0, Spanish 1). Every 20th chapter goes to val.
+Writes data/<out>/tokenizer.json and data/<out>/{en,es}/{train,val}.bin + meta.json in the stream
+layout (dataset token English 0, Spanish 1), so the datasets are named <out>/en and <out>/es. Every
+20th chapter goes to val. The capacity sweeps use a second copy with a 512-token vocabulary
+(--vocab_size=512 --out=bible512): with tiny widths the embedding would otherwise hold most of the
+parameters.
 
 The zText format (per testament `ot` / `nt`):
   .bzs  one 12-byte record per compressed block: offset, compressed size, uncompressed size (<III)
@@ -123,14 +126,15 @@ def prepare(modules_dir, out_root, vocab_size=4096):
 
 
 def main(argv):
-    settings = {"modules_dir": "/usr/share/sword", "vocab_size": "4096"}
+    settings = {"modules_dir": "/usr/share/sword", "vocab_size": "4096", "out": "bible"}
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings:
-            sys.exit(f"error: unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N")
+            sys.exit(f"error: unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N --out=NAME")
         settings[key] = value
     try:
-        prepare(settings["modules_dir"], os.path.dirname(os.path.abspath(__file__)), int(settings["vocab_size"]))
+        data_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        prepare(settings["modules_dir"], os.path.join(data_dir, settings["out"]), int(settings["vocab_size"]))
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
 
