@@ -13,7 +13,8 @@ Every point is a plain call of pretrain.py / sample_replay.py / finetune.py with
 Each run lives in its own folder under out/sweeps/, named by its settings, so studies share the
 runs they have in common (the base model is pretrained once). A finished run is skipped and an
 interrupted one resumes (--resume=True), so a study can be stopped at any point and started again,
-in a later session too. Each study writes results/sweep_<study>.json (the numbers, and the seconds
+in a later session too. Folder names hold only what the studies vary: after changing any other
+constant (block_size, finetune_lr, ...) give a fresh --out_root, or old runs will be reused. Each study writes results/sweep_<study>.json (the numbers, and the seconds
 its runs took) and results/sweep_<study>.png (via plot.py).
 
 The protocol, shared by every study: pretrain on English (cosine LR to the end of a token budget),
@@ -216,6 +217,12 @@ def save(name, result):
 # ----------------------------------------------------------------------------------------------
 # the studies
 
+def replay_coefficients(model_dir, target):
+    """Finetune one model to the Spanish target at every KL coefficient: {coeff: outcome}."""
+    return {f"{c:g}": outcome(finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c), target)
+            for c in floats(coeffs)}
+
+
 def size_study():
     base = pretrain()
     target_en = final_loss(base)
@@ -224,26 +231,16 @@ def size_study():
         # wider models reach the base model's English loss sooner: they stop there, under-trained
         models[width] = pretrain(width=width, target_loss=target_en + 1e-4)
     target = spanish_target(base)
-    rows = []
-    for width, model_dir in sorted(models.items()):
-        row = {"width": width, **model_info(model_dir, width), "finetune": {}}
-        for c in floats(coeffs):
-            ft = finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c)
-            row["finetune"][f"{c:g}"] = outcome(ft, target)
-        rows.append(row)
+    rows = [{"width": width, **model_info(model_dir, width), "finetune": replay_coefficients(model_dir, target)}
+            for width, model_dir in sorted(models.items())]
     save("size", {"study": "size", "spanish_target": target, "english_target": target_en, "models": rows})
 
 
 def tpp_study():
     models = {tpp: pretrain(tpp=tpp) for tpp in floats(tpps)}
     target = spanish_target(models[base_tpp] if base_tpp in models else models[max(models)])
-    rows = []
-    for tpp, model_dir in sorted(models.items()):
-        row = {"tpp": tpp, **model_info(model_dir, base_width), "finetune": {}}
-        for c in floats(coeffs):
-            ft = finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c)
-            row["finetune"][f"{c:g}"] = outcome(ft, target)
-        rows.append(row)
+    rows = [{"tpp": tpp, **model_info(model_dir, base_width), "finetune": replay_coefficients(model_dir, target)}
+            for tpp, model_dir in sorted(models.items())]
     save("tpp", {"study": "tpp", "spanish_target": target, "width": base_width, "models": rows})
 
 
