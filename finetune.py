@@ -252,19 +252,18 @@ def main():
             replay_stream.load_state(state["train_state"]["replay"])
         start_step = state["step"]
         print(f"resuming {ckpt_path} at step {start_step}")
+    # seconds spent in training steps alone (no evaluation, no checkpoints): the compute axis of the
+    # learning-rate study, carried over when a run resumes
+    train_seconds = 0.0
     if is_main:
         n_total = sum(p.numel() for p in student.parameters())
         print(f"training {sum(p.numel() for p in trainable):,} of {n_total:,} parameters")
         os.makedirs(out_dir, exist_ok=True)
-        last_record = prepare_log(log_path, start_step) or {}
+        train_seconds = (prepare_log(log_path, start_step) or {}).get("train_seconds", 0.0)
 
     objective = Objective(torch.compile(student) if compile else student, teacher)
     step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
     autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-    # seconds spent in training steps alone (no evaluation, no checkpoints): the compute axis of the
-    # learning-rate study, carried over when a run resumes
-    train_seconds = last_record.get("train_seconds", 0.0) if is_main else 0.0
 
     def evaluate(step, losses, t0):
         student.eval()

@@ -110,6 +110,11 @@ def frontier_figure():
 # the capacity and learning-rate studies (sweep.py). A hollow marker is a run that hit its step cap
 # before reaching the Spanish target: its forgetting is measured at a higher Spanish loss.
 
+def mark_capped(ax, x, y, color):
+    """A hollow ring over a run that hit its step cap before the Spanish target."""
+    ax.plot([x], [y], marker="o", ms=9, mfc="white", color=color)
+
+
 def coeff_lines(ax, rows, x_key, coeffs):
     """Forgetting against x_key, one line per KL replay coefficient."""
     for i, c in enumerate(rows[0]["finetune"]):
@@ -121,7 +126,7 @@ def coeff_lines(ax, rows, x_key, coeffs):
         ax.plot(xs, [o["forgetting"] for o in outcomes], marker="o", color=f"C{i}", label=label)
         for x, o in zip(xs, outcomes):
             if not o["reached"]:
-                ax.plot([x], [o["forgetting"]], marker="o", ms=9, mfc="white", color=f"C{i}")
+                mark_capped(ax, x, o["forgetting"], f"C{i}")
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.axhline(0, color="gray", lw=0.8)
@@ -194,7 +199,7 @@ def sweep_lr_figure(result):
                     label=f"pretrain LR {plr:g} (English {sel[0]['en_before']:.3f} before)")
             for r in sel:
                 if not r["reached"]:
-                    ax.plot([r["finetune_lr"]], [r["en_after"]], marker="o", ms=9, mfc="white", color=f"C{i}")
+                    mark_capped(ax, r["finetune_lr"], r["en_after"], f"C{i}")
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(finetune_lrs, [f"{lr:g}" for lr in finetune_lrs])

@@ -196,10 +196,9 @@ def spanish_target(model_dir, steps=None, lr=None):
 
 
 def model_info(model_dir, width):
-    last = log(model_dir)[-1]
+    last, params = log(model_dir)[-1], paper_params(width)
     return {"dir": model_dir, "steps": last["step"], "en_loss": last.get("val_loss/en"),
-            "es_loss": last.get("val_loss/es"), "paper_params": paper_params(width),
-            "tokens_per_param": last["tokens"] / paper_params(width)}
+            "es_loss": last.get("val_loss/es"), "paper_params": params, "tokens_per_param": last["tokens"] / params}
 
 
 def save(name, result):
