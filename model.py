@@ -12,7 +12,13 @@ The one GPT definition of nanoreplay, in the architecture of the paper we reprod
 Naming: `width` is the residual width D, `depth` the number of blocks L, and `head_dim` the size of
 one attention head. The number of heads is derived (`width // head_dim`). The paper's config calls
 the head size "H", which is easy to misread as a head count; here nothing is called H.
+
+Released models. The same GPT also runs Llama-family checkpoints (SmolLM2, Llama 3.2, Qwen3; see
+convert.py) through a few switches in GPTConfig, all off by default: learnable RMSNorm gains, a
+SwiGLU MLP of its own width, grouped-query attention (fewer key/value heads than query heads), tied
+input/output embeddings, another RoPE base (and Llama 3's frequency scaling), QK-norm on or off.
 """
+import math
 import sys
 from dataclasses import dataclass, asdict
 
@@ -24,28 +30,52 @@ import torch.nn.functional as F
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096
-    block_size: int = 256   # longest sequence the model sees (RoPE table and KV cache size)
+    block_size: int = 256   # longest sequence the model sees (RoPE table size)
     width: int = 256        # D, the residual stream width
     depth: int = 6          # L, the number of transformer blocks
     head_dim: int = 64      # size of one attention head; n_heads = width // head_dim
-
-    @property
-    def n_heads(self):
-        return self.width // self.head_dim
+    # -- switches for released Llama-family models; the defaults are the paper's architecture, and a
+    #    checkpoint saved before these existed loads with them
+    n_heads: int = 0        # query heads; 0 = width // head_dim (Qwen3 has n_heads * head_dim != width)
+    n_kv_heads: int = 0     # key/value heads, shared by groups of query heads (GQA); 0 = n_heads
+    mlp: str = "gelu"       # "gelu": down(gelu(up x)); "swiglu": down(silu(gate x) * up x)
+    mlp_width: int = 0      # hidden width of the MLP; 0 = 4 * width
+    norm_gain: bool = False  # learnable RMSNorm gains (Llama) or a pure normalisation (the paper)
+    norm_eps: float = 1e-6
+    qk_norm: bool = True    # RMSNorm on every query and key head before RoPE
+    rope_theta: float = 10_000.0
+    rope_scaling: dict = None  # Llama 3's long-context frequency scaling: {"factor", "low_freq_factor", ...}
+    tie_embeddings: bool = False  # the output head reuses the input embedding matrix
 
     def __post_init__(self):
-        if self.width % self.head_dim != 0:
-            raise ValueError(f"width={self.width} is not a multiple of head_dim={self.head_dim}")
+        if not self.n_heads:
+            if self.width % self.head_dim != 0:
+                raise ValueError(f"width={self.width} is not a multiple of head_dim={self.head_dim}")
+            self.n_heads = self.width // self.head_dim
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.mlp_width = self.mlp_width or 4 * self.width
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp={self.mlp!r} must be gelu or swiglu")
 
     def to_dict(self):
         return asdict(self)
 
 
-def rms_norm(x, eps=1e-6):
-    # the paper's RMSNorm has no gain: a pure normalisation, nothing to learn
-    return F.rms_norm(x, (x.size(-1),), eps=eps)
+class RMSNorm(nn.Module):
+    """x / rms(x), times a learnable gain only where the model has one: the paper's RMSNorm has no
+    gain (a pure normalisation, nothing to learn, no entry in the state dict), Llama's has."""
+
+    def __init__(self, dim, config):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(dim)) if config.norm_gain else None
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
 ATTENTION = "auto"  # "auto": our Triton flash attention on CUDA when available, else "sdpa" (PyTorch's)
@@ -82,25 +112,44 @@ def causal_attention(q, k, v, visible=None):
     instead passes the whole cache and `visible`, a (1, Tk) mask of the positions filled so far.
     """
     Tq, Tk = q.size(-2), k.size(-2)
+    gqa = q.size(1) != k.size(1)  # grouped-query attention: each key/value head serves a group of queries
     if visible is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
     if Tq == Tk:
         use_flash = ATTENTION == "flash" or (ATTENTION == "auto" and q.is_cuda and q.size(-1) in (16, 32, 64, 128))
         if use_flash and _flash_attention(q.device) is not None:
+            if gqa:  # the kernel takes one key/value head per query head
+                group = q.size(1) // k.size(1)
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
             return _flash(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if Tq == 1:  # one new token may look at every cached position: no mask needed
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     # a chunk of new queries on top of a cache: query i sits at absolute position Tk - Tq + i
     q_pos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
     k_pos = torch.arange(Tk, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos, enable_gqa=gqa)
 
 
-def rope_tables(block_size, head_dim, theta=10_000.0):
+def rope_tables(block_size, head_dim, theta=10_000.0, scaling=None):
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling:
+        inv_freq = llama3_scaled(inv_freq, **scaling)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3's RoPE frequency scaling: rotations slower than the original context (long
+    wavelengths) are slowed by `factor`, fast ones are kept, and those in between are blended
+    linearly in 1/wavelength, so the model reads positions beyond its original context."""
+    wavelength = 2 * math.pi / inv_freq
+    context = original_max_position_embeddings
+    blend = (context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    scaled = torch.where(wavelength > context / low_freq_factor, inv_freq / factor, inv_freq)
+    in_between = (wavelength <= context / low_freq_factor) & (wavelength >= context / high_freq_factor)
+    return torch.where(in_between, blended, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -111,17 +160,19 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding: one (B, heads, block_size, head_dim)
-    buffer per layer, filled left to right, allocated once. `length` is how many positions hold
-    valid entries. After `fix_shapes()`, decoding writes at `position`, a tensor, and attends over
-    the whole buffer under a mask: every step then has the same shapes, whatever the position."""
+    """Preallocated keys and values for incremental decoding: one (B, key/value heads, max_length,
+    head_dim) buffer per layer, filled left to right, allocated once (max_length: the longest
+    sequence this cache will hold, at most block_size). `length` is how many positions hold valid
+    entries. After `fix_shapes()`, decoding writes at `position`, a tensor, and attends over the
+    whole buffer under a mask: every step then has the same shapes, whatever the position."""
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_heads, config.block_size, config.head_dim)
+    def __init__(self, config, batch_size, device, dtype, max_length=None):
+        max_length = max_length or config.block_size
+        shape = (batch_size, config.n_kv_heads, max_length, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.depth)]
         self.length = 0
-        self.positions = torch.arange(config.block_size, device=device)
+        self.positions = torch.arange(max_length, device=device)
         self.position = None
 
     def fix_shapes(self):
@@ -144,42 +195,56 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_index = layer_index
-        self.qkv = nn.Linear(config.width, 3 * config.width, bias=False)
-        self.out = nn.Linear(config.width, config.width, bias=False)
+        c = config
+        # one fused projection: n_heads query heads, then n_kv_heads key heads and value heads
+        self.qkv = nn.Linear(c.width, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=False)
+        self.out = nn.Linear(c.n_heads * c.head_dim, c.width, bias=False)
+        if c.qk_norm:  # QK-norm keeps attention logits bounded
+            self.q_norm, self.k_norm = RMSNorm(c.head_dim, c), RMSNorm(c.head_dim, c)
 
     def forward(self, x, cos, sin, cache=None):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)
-        heads = lambda t: t.view(B, T, self.config.n_heads, self.config.head_dim).transpose(1, 2)
+        B, T, _ = x.shape
+        c = self.config
+        q, k, v = self.qkv(x).split([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
+                                     c.n_kv_heads * c.head_dim], dim=2)
+        heads = lambda t: t.view(B, T, -1, c.head_dim).transpose(1, 2)
         q, k, v = heads(q), heads(k), heads(v)
-        q, k = rms_norm(q), rms_norm(k)  # QK-norm keeps attention logits bounded
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         visible = None
         if cache is not None:
             k, v, visible = cache.update(self.layer_index, k, v)
         y = causal_attention(q, k, v, visible)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.up = nn.Linear(config.width, 4 * config.width, bias=False)
-        self.down = nn.Linear(4 * config.width, config.width, bias=False)
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = nn.Linear(config.width, config.mlp_width, bias=False)
+        self.up = nn.Linear(config.width, config.mlp_width, bias=False)
+        self.down = nn.Linear(config.mlp_width, config.width, bias=False)
 
     def forward(self, x):
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, config, layer_index):
         super().__init__()
+        self.attn_norm = RMSNorm(config.width, config)
         self.attn = Attention(config, layer_index)
+        self.mlp_norm = RMSNorm(config.width, config)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(rms_norm(x), cos, sin, cache)
-        x = x + self.mlp(rms_norm(x))
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        x = x + self.mlp(self.mlp_norm(x))
         return x
 
 
@@ -189,8 +254,11 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.width)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.depth)])
+        self.norm_out = RMSNorm(config.width, config)
         self.unembed = nn.Linear(config.width, config.vocab_size, bias=False)
-        cos, sin = rope_tables(config.block_size, config.head_dim)
+        if config.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -198,8 +266,11 @@ class GPT(nn.Module):
     def reset_parameters(self):
         std = self.config.width ** -0.5
         for name, p in self.named_parameters():
-            # the MLP down-projection reads a 4D-wide input, so it gets the (4D)^-0.5 scale
-            nn.init.normal_(p, mean=0.0, std=(4 * self.config.width) ** -0.5 if name.endswith("mlp.down.weight") else std)
+            if p.ndim == 1:  # RMSNorm gains start at 1: the plain normalisation
+                nn.init.ones_(p)
+            else:  # the MLP down-projection reads a wider input (4D), so it gets that width's scale
+                down = name.endswith("mlp.down.weight")
+                nn.init.normal_(p, mean=0.0, std=self.config.mlp_width ** -0.5 if down else std)
 
     def forward(self, idx, cache=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size). With a cache, idx holds only the new
@@ -214,7 +285,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += T
-        return self.unembed(rms_norm(x))
+        return self.unembed(self.norm_out(x))
 
     def decode_step(self, token, cache):
         """Logits (B, V) for one new token per row, token (B, 1), at position cache.position. All
@@ -223,7 +294,7 @@ class GPT(nn.Module):
         x = self.embed(token)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
-        return self.unembed(rms_norm(x))[:, -1]
+        return self.unembed(self.norm_out(x))[:, -1]
 
     def compiled_decode_step(self):
         """decode_step compiled once per model (CUDA graphs on GPU: "reduce-overhead")."""
@@ -241,7 +312,7 @@ class GPT(nn.Module):
         total = idx.size(1) + max_new_tokens
         if total > self.config.block_size:
             raise ValueError(f"prompt + new tokens = {total} exceeds block_size={self.config.block_size}")
-        cache = KVCache(self.config, idx.size(0), idx.device, self.embed.weight.dtype)
+        cache = KVCache(self.config, idx.size(0), idx.device, self.embed.weight.dtype, max_length=total)
         out = torch.empty(idx.size(0), total, dtype=idx.dtype, device=idx.device)
         out[:, :idx.size(1)] = idx
         logits = self(idx, cache)[:, -1]          # the prompt in one pass
@@ -272,7 +343,7 @@ def count_parameters(model):
 
     The formula counts attention (4 D^2) and MLP (8 D^2) weights per block plus one D x V
     embedding; the actual count also includes the second (untied) embedding. The paper uses the
-    formula for tokens-per-parameter, and so do we."""
+    formula for tokens-per-parameter, and so do we. (A tied embedding is counted once.)"""
     c = model.config
     actual = sum(p.numel() for p in model.parameters())
     paper = 12 * c.depth * c.width ** 2 + c.width * c.vocab_size

@@ -14,6 +14,12 @@ in the order they were learned (a merge's id is its BPE rank).
     tok = train_bpe(text, vocab_size=4096); save(tok, "tokenizer.json")
     enc = load("tokenizer.json")           # a tiktoken.Encoding
     ids = enc.encode_ordinary("Hola")      # reserved ids can never appear here
+
+Released models bring their own byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Qwen). Its tokens
+and merges come from a GGUF file or a Hugging Face tokenizer.json (convert.py reads both);
+`released_tokenizer` turns them into the same kind of file, which `load` serves through tiktoken.
+tiktoken merges the adjacent pair whose merged token has the lowest id, so this is exact when the
+ids of merged tokens follow the order of the merges (checked on conversion).
 """
 import base64
 import hashlib
@@ -22,10 +28,13 @@ import json
 import os
 import re
 import time
+import unicodedata
 from collections import Counter
 
 import numpy as np
 import tiktoken
+
+from common import atomic_write_text
 
 # tiktoken's pattern (Rust regex, Unicode classes) and the nearest Python `re` equivalent used
 # when counting chunks for training; the two agree on ordinary letters, digits and punctuation.
@@ -101,14 +110,84 @@ def save(merges, path):
 
 
 def load(path):
-    """A tiktoken.Encoding for a tokenizer saved by save()."""
+    """A tiktoken.Encoding for a tokenizer saved by save() or released_tokenizer()."""
     with open(path) as f:
         data = json.load(f)
+    if "tokens" in data:  # a released model's: every token's bytes, in id order
+        ranks = {base64.b64decode(t): i for i, t in enumerate(data["tokens"]) if t is not None}
+        return tiktoken.Encoding(name=data["name"], pat_str=data["pattern"], mergeable_ranks=ranks,
+                                 special_tokens=data["special_tokens"])
     ranks = {bytes([b]): N_RESERVED + b for b in range(256)}
     for i, m in enumerate(data["merges"]):
         ranks[base64.b64decode(m)] = N_RESERVED + 256 + i
     return tiktoken.Encoding(name=f"nanoreplay-bpe-{len(ranks) + N_RESERVED}", pat_str=data["pattern"],
                              mergeable_ranks=ranks, special_tokens=data["special_tokens"])
+
+
+def normalizer(path):
+    """The text normalisation a tokenizer expects before encoding (Qwen's: NFC), as a function."""
+    with open(path) as f:
+        form = json.load(f).get("normalize")
+    return (lambda text: unicodedata.normalize(form, text)) if form else (lambda text: text)
+
+
+# ----------------------------------------------------------------------------------------------
+# released models' tokenizers
+
+def byte_alphabet():
+    """GPT-2's byte-level alphabet: byte -> the printable character that stands for it in vocab
+    files. Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...)
+    are mapped to the characters from U+0100 on, in byte order (so a space is written 'Ġ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet
+
+
+# Pre-tokenizer patterns of the released tokenizers we know, by llama.cpp's name for them
+# (tokenizer.ggml.pre). GPT-2's pattern; SmolLM2 first splits every digit apart, then applies
+# GPT-2's pattern to each piece: written as one pattern, a digit is a chunk of its own and a
+# whitespace run just before a digit ends there, as at the end of a piece.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DIGITS_THEN_GPT2 = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?:(?=\p{N})|(?!\S))|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+GGUF_PRE_PATTERNS = {"default": GPT2_PATTERN, "gpt2": GPT2_PATTERN, "smollm": DIGITS_THEN_GPT2,
+                     "llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+
+
+def released_tokenizer(path, name, tokens, special_ids, merges, pattern, bos, eos, normalize=None):
+    """Write a released model's byte-level BPE as our tokenizer file. tokens: every token's text in
+    id order (GPT-2 byte alphabet); special_ids: ids of control tokens (<|im_start|>, ...), kept
+    as special tokens; merges: "left right" strings in priority order. Raises ValueError for a
+    vocabulary that tiktoken cannot serve exactly."""
+    to_byte = {c: b for b, c in byte_alphabet().items()}
+    encoded, special = [], {}
+    for i, text in enumerate(tokens):
+        if i in special_ids:
+            special[text] = i
+            encoded.append(None)
+            continue
+        try:
+            encoded.append(base64.b64encode(bytes(to_byte[c] for c in text)).decode("ascii"))
+        except KeyError:
+            raise ValueError(f"token {i} ({text!r}) is not in the byte-level alphabet: not a GPT-2-style BPE") from None
+    ids = {t: i for i, t in enumerate(tokens)}
+    merged_ids = [ids.get(left + right) for left, right in (m.split(" ", 1) for m in merges)]
+    if None in merged_ids or any(a >= b for a, b in zip(merged_ids, merged_ids[1:])):
+        raise ValueError("the ids of merged tokens do not follow the merge order: tiktoken cannot serve it exactly")
+    if len({base64.b64decode(t) for t in encoded if t is not None}) != sum(t is not None for t in encoded):
+        raise ValueError("two tokens have the same bytes")
+    data = {"name": name, "pattern": pattern, "special_tokens": special, "tokens": encoded,
+            "bos": bos, "eos": eos, "normalize": normalize}
+    atomic_write_text(path, json.dumps(data))
 
 
 def fingerprint(path):
