@@ -277,7 +277,8 @@ class Dataset:
             path = os.path.join(self.dir, f"{split}.bin")
             if not os.path.exists(path) or os.path.getsize(path) == 0:
                 raise UserError(f"{path} is missing or empty: re-run the prepare.py script of {name}")
-            tokens = np.fromfile(path, dtype=np.uint16)
+            # uint16 ids unless the vocabulary is larger (a released model's, e.g. Llama 3's 128k)
+            tokens = np.fromfile(path, dtype=np.dtype(self.meta.get("token_dtype", "uint16")))
             if self.row_len:
                 if len(tokens) % self.row_len:
                     raise UserError(f"{path} is truncated (not a whole number of {self.row_len}-token rows): "
@@ -316,6 +317,28 @@ class Dataset:
             yield torch.from_numpy(rows[i:i + batch_size])
 
 
+class CorpusSet:
+    """A replay corpus (sample_replay.py) used as an evaluation set, e.g. held-out self-generated
+    sequences: named corpus:<path>, it offers what evaluation needs of a Dataset."""
+
+    def __init__(self, name):
+        self.name, path = name, name[len("corpus:"):]
+        self.tokens, self.meta = load_corpus(path)
+        self.meta = {**self.meta, "row_len": self.tokens.size(1), "path": path}
+        self.dir = path
+        self.short_name = os.path.basename(path).removesuffix(".pt")
+
+    def eval_batches(self, split, batch_size, block_size, max_sequences):
+        rows = self.tokens[:max_sequences]
+        for i in range(0, len(rows), batch_size):
+            yield rows[i:i + batch_size]
+
+
+def open_eval_set(name):
+    """A dataset under data/, or corpus:<path> for a sampled corpus."""
+    return CorpusSet(name) if name.startswith("corpus:") else Dataset(name)
+
+
 def load_corpus(path):
     """Read a replay corpus written by sample_replay.py: (N, T) int64 tokens and its metadata."""
     if not os.path.exists(path):
@@ -339,13 +362,21 @@ def sample_mixture(datasets, fractions, batch_size, block_size, rng, split="trai
     return torch.cat(parts)[torch.from_numpy(rng.permutation(batch_size))]
 
 
-def check_compatible(dataset_meta, model_config, where, checkpoint_data=None):
+def known_tokenizers(ckpt):
+    """The tokenizers a checkpoint's model reads: those of the data it was trained on, and a
+    released model's own (convert.py stores it as ckpt["tokenizer"])."""
+    known = {m.get("tokenizer") for m in (ckpt or {}).get("data", {}).values()}
+    known.add((ckpt or {}).get("tokenizer", {}).get("tokenizer"))
+    return known - {None}
+
+
+def check_compatible(dataset_meta, model_config, where, ckpt=None):
     """Refuse to train or evaluate a model on data from another tokenizer or with longer rows.
-    checkpoint_data: the data metadata stored in the model's checkpoint, naming its tokenizer."""
+    ckpt: the model's checkpoint, which names its tokenizer(s)."""
     if dataset_meta["vocab_size"] > model_config["vocab_size"]:
         raise UserError(f"{where}: vocab_size {dataset_meta['vocab_size']} of the data exceeds the "
                         f"model's {model_config['vocab_size']}: use a checkpoint trained with this tokenizer")
-    known = {m.get("tokenizer") for m in (checkpoint_data or {}).values()}
+    known = known_tokenizers(ckpt)
     if known and dataset_meta.get("tokenizer") not in known:
         raise UserError(f"{where}: tokenized by {dataset_meta.get('tokenizer')!r} but the checkpoint was trained on "
                         f"{sorted(map(str, known))}: use data prepared with the checkpoint's tokenizer")
@@ -422,14 +453,17 @@ def eval_loss(model, dataset, block_size, batch_size=256, max_sequences=2048, de
 
 
 @torch.no_grad()
-def eval_kl(model, reference, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu"):
-    """Mean KL(reference || model) on the fixed validation sequences."""
-    total, count = 0.0, 0
+def eval_loss_and_kl(model, reference, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu"):
+    """Mean next-token loss and mean KL(reference || model) on the fixed validation sequences, from
+    one forward pass of each model."""
+    loss, kl, count = 0.0, 0.0, 0
     for x in dataset.eval_batches("val", batch_size, block_size, max_sequences):
         x = x.to(device)
-        total += kl_loss(model(x), reference(x)).item() * len(x)
+        logits = model(x)
+        loss += ntp_loss(logits, x).item() * len(x)
+        kl += kl_loss(logits, reference(x)).item() * len(x)
         count += len(x)
-    return total / count
+    return loss / count, kl / count
 
 
 @torch.no_grad()

@@ -11,12 +11,14 @@ Prints a markdown table and writes out_json (and out_md if set). The JSON holds,
 """
 import time
 
-from common import (Dataset, UserError, answer_accuracy, atomic_write_text, check_compatible, eval_kl,
-                    eval_loss, load_checkpoint, pick_device, run, write_json)
+from common import (UserError, answer_accuracy, atomic_write_text, check_compatible, eval_loss, eval_loss_and_kl,
+                    load_checkpoint, open_eval_set, pick_device, run, write_json)
+from model import GPTConfig
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
 reference = "out/pretrain_add/ckpt.pt"          # "" = no reference (no KL, no forgetting columns)
-datasets = ""                                    # comma-separated; "" = every dataset the reference knows
+datasets = ""                                    # comma-separated (or corpus:<path>); "" = the reference's
+block_size = 0                                   # text windows of this many tokens; 0 = the model's block_size
 eval_sequences = 2048
 out_json = "results/eval.json"
 out_md = ""
@@ -35,12 +37,14 @@ def parse_named(spec):
 
 
 def measure(model, reference_model, data, dev):
-    T = model.config.block_size
-    out = {"loss": eval_loss(model, data, T, max_sequences=eval_sequences, device=dev)}
+    T = block_size or model.config.block_size
+    if reference_model is not None and reference_model is not model:
+        loss, kl = eval_loss_and_kl(model, reference_model, data, T, max_sequences=eval_sequences, device=dev)
+        out = {"loss": loss, "kl_to_reference": kl}
+    else:
+        out = {"loss": eval_loss(model, data, T, max_sequences=eval_sequences, device=dev)}
     if "answer_start" in data.meta:
         out["accuracy"] = answer_accuracy(model, data, max_sequences=eval_sequences, device=dev)
-    if reference_model is not None and reference_model is not model:
-        out["kl_to_reference"] = eval_kl(model, reference_model, data, T, max_sequences=eval_sequences, device=dev)
     return out
 
 
@@ -53,16 +57,17 @@ def main():
         models[name], ckpt = load_checkpoint(path, dev)
         steps[name] = {"step": ckpt.get("step"), "stop_reason": ckpt.get("stop_reason")}
         models[name].eval()
-        if ref_model is not None and ckpt["model_config"] != ref_ckpt["model_config"]:
+        same = lambda a, b: GPTConfig(**a).to_dict() == GPTConfig(**b).to_dict()  # older checkpoints lack new fields
+        if ref_model is not None and not same(ckpt["model_config"], ref_ckpt["model_config"]):
             raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the reference {reference} has "
                             f"{ref_ckpt['model_config']}: compare checkpoints of the same model")
     first_ckpt = ref_ckpt or ckpt
     names = [d for d in datasets.split(",") if d] or list(first_ckpt.get("data", {}))
     if not names:
         raise UserError("no datasets to evaluate: pass --datasets=name1,name2")
-    data = [Dataset(n) for n in names]
+    data = [open_eval_set(n) for n in names]
     for d in data:
-        check_compatible(d.meta, first_ckpt["model_config"], d.dir, first_ckpt.get("data"))
+        check_compatible(d.meta, first_ckpt["model_config"], d.dir, first_ckpt)
 
     results = {}
     if ref_model is not None:

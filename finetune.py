@@ -30,15 +30,16 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_finite,
-                    config_snapshot, eval_loss, from_rank0, global_mean, kl_loss, load_checkpoint,
-                    load_corpus, load_for_resume, lr_at, ntp_loss, pick_device, restore_rng, rng_state, run,
-                    save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
+                    config_snapshot, eval_loss, eval_loss_and_kl, from_rank0, global_mean, kl_loss, known_tokenizers,
+                    load_checkpoint, load_corpus, load_for_resume, lr_at, ntp_loss, open_eval_set, pick_device,
+                    restore_rng, rng_state, run, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
 out_dir = "out/finetune"
 dataset = "arithmetic/sort"      # the new data
-eval_datasets = ""               # extra datasets to track (the checkpoint's own datasets are always tracked)
+eval_datasets = ""               # extra datasets (or corpus:<path>) to track; the checkpoint's own are always tracked
+block_size = 0                   # text windows of this many tokens; 0 = the model's block_size
 # -- replay on old-distribution sequences
 replay = "none"                  # "none", "kl" = KL(teacher || student), "ntp" = next-token loss
 replay_coeff = 1.0
@@ -63,6 +64,7 @@ target_val_loss = 0.0            # stop once the new data's validation loss is a
 # -- evaluation
 eval_interval = 50
 eval_sequences = 512
+eval_kl = False                  # also log KL(teacher || student) on every tracked dataset (val_kl/<name>)
 # -- system
 device = "auto"
 compile = False
@@ -77,11 +79,11 @@ class ReplayStream:
     """Old-distribution sequences, one batch at a time: from a sampled corpus (cycled in a seeded
     random order) or from a real dataset's training split."""
 
-    def __init__(self, source, model_config, data_meta, rng):
+    def __init__(self, source, model_config, ckpt, rng):
         self.rng = rng
         if source.startswith("data:"):
             self.dataset = Dataset(source[len("data:"):])
-            check_compatible(self.dataset.meta, model_config, self.dataset.dir, data_meta)
+            check_compatible(self.dataset.meta, model_config, self.dataset.dir, ckpt)
             self.description = f"real {self.dataset.name}"
             return
         self.dataset = None
@@ -90,7 +92,7 @@ class ReplayStream:
         if meta.get("vocab_size") != model_config["vocab_size"]:
             raise UserError(f"replay corpus {source} has vocab_size {meta.get('vocab_size')} but the checkpoint has "
                             f"{model_config['vocab_size']}: re-sample it from this checkpoint")
-        tokenizers = {m.get("tokenizer") for m in data_meta.values()}
+        tokenizers = known_tokenizers(ckpt)
         if meta.get("tokenizer") not in tokenizers:
             raise UserError(f"replay corpus {source} comes from tokenizer {meta.get('tokenizer')!r}, the checkpoint "
                             f"from {sorted(map(str, tokenizers))}: re-sample it from this checkpoint")
@@ -138,11 +140,14 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha):
-    """Freeze the model and wrap the attention and MLP projections of every block with LoRA."""
+    """Freeze the model and wrap the attention and MLP projections of every block with LoRA (q/k/v
+    and output; up, down and, in a SwiGLU MLP, gate)."""
     model.requires_grad_(False)
     for block in model.blocks:
-        for parent, name in ((block.attn, "qkv"), (block.attn, "out"), (block.mlp, "up"), (block.mlp, "down")):
-            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha))
     return model
 
 
@@ -209,20 +214,25 @@ def main():
     teacher, _ = load_checkpoint(init_from, dev)
     teacher.eval().requires_grad_(False)  # pi is frozen: it never receives a gradient or an update
     model_config = ckpt["model_config"]
-    T = model_config["block_size"]
+    if not 0 <= block_size <= model_config["block_size"]:
+        raise UserError(f"--block_size={block_size} must be between 1 and the model's {model_config['block_size']} "
+                        f"(0 = the model's)")
+    T = block_size or model_config["block_size"]
     data_meta = dict(ckpt.get("data", {}))
 
     new_data = Dataset(dataset)
-    check_compatible(new_data.meta, model_config, new_data.dir, data_meta)
+    check_compatible(new_data.meta, model_config, new_data.dir, ckpt)
     names = list(dict.fromkeys(list(data_meta) + [dataset] + [n for n in eval_datasets.split(",") if n]))
-    tracked = {name: new_data if name == dataset else Dataset(name) for name in names}
+    tracked = {name: new_data if name == dataset else open_eval_set(name) for name in names}
+    for d in tracked.values():
+        check_compatible(d.meta, model_config, d.dir, ckpt)
     mix = Dataset(mix_dataset) if mix_fraction > 0 else None
     if mix is not None:
-        check_compatible(mix.meta, model_config, mix.dir, data_meta)
+        check_compatible(mix.meta, model_config, mix.dir, ckpt)
     # replay draws from its own random stream, so adding replay (even with coeff 0) leaves the
     # sequence of new-data batches unchanged: runs differ only by the regulariser
     replay_rng = np.random.default_rng(seed + 1)
-    replay_stream = ReplayStream(replay_source, model_config, data_meta, replay_rng) if replay != "none" else None
+    replay_stream = ReplayStream(replay_source, model_config, ckpt, replay_rng) if replay != "none" else None
     n_mix = int(round(mix_fraction * batch_size))
     n_replay = replay_batch_size or batch_size
     if is_main:
@@ -270,7 +280,11 @@ def main():
         record = {"step": step, "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
                   **losses}
         for name, d in tracked.items():
-            record[f"val_loss/{d.short_name}"] = eval_loss(student, d, T, max_sequences=eval_sequences, device=dev)
+            if eval_kl:
+                record[f"val_loss/{d.short_name}"], record[f"val_kl/{d.short_name}"] = eval_loss_and_kl(
+                    student, teacher, d, T, max_sequences=eval_sequences, device=dev)
+            else:
+                record[f"val_loss/{d.short_name}"] = eval_loss(student, d, T, max_sequences=eval_sequences, device=dev)
             if "answer_start" in d.meta:
                 record[f"accuracy/{d.short_name}"] = answer_accuracy(student, d, max_sequences=eval_sequences, device=dev)
         student.train()
@@ -283,7 +297,7 @@ def main():
                        "replay": replay_stream.state() if replay_stream else None}
         save_checkpoint(ckpt_path, student, state_dict=plain_state_dict(student), data=data, config=run_config,
                         step=step, finished=finished, stop_reason=stop_reason, parent=os.path.abspath(init_from),
-                        train_state=train_state)
+                        train_state=train_state, **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
 
     t0 = time.time()
     if is_main and start_step == 0:

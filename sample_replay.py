@@ -8,8 +8,9 @@ no top-k, for the full block length. Those sequences stand in for the old data i
     python sample_replay.py --init_from=out/pretrain_add/ckpt.pt --prompts=arithmetic/add
     python sample_replay.py --prompts=arithmetic/add:0.5,arithmetic/sort:0.5 --num_samples=8192
 
-A prompt is a dataset name (its dataset token is read from the checkpoint's data metadata) or a
-raw token id, optionally followed by :share. The corpus is one file written atomically:
+A prompt is a dataset name (its dataset token is read from the checkpoint's data metadata), `bos`
+(a released model's BOS token, from its tokenizer metadata) or a raw token id, optionally followed
+by :share. The corpus is one file written atomically:
 {"tokens": (N, T) int32 tensor, "meta": {source checkpoint, prompts, temperature, ...}}.
 """
 import os
@@ -18,11 +19,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_torch_save, load_checkpoint, pick_device, run, set_seed
+from common import UserError, atomic_torch_save, known_tokenizers, load_checkpoint, pick_device, run, set_seed
 
 init_from = "out/pretrain_add/ckpt.pt"
 out = "out/replay_add.pt"
-prompts = "arithmetic/add"       # comma-separated: dataset name or token id, optionally :share
+prompts = "arithmetic/add"       # comma-separated: dataset name, bos or token id, optionally :share
 num_samples = 8192
 batch_size = 1024
 temperature = 1.0                # 1.0 = the model's own distribution (what replay wants)
@@ -34,13 +35,15 @@ seed = 1337
 resume = False                   # continue from <out>.partial, written after every batch
 
 
-def parse_prompts(spec, data_meta):
+def parse_prompts(spec, data_meta, bos=None):
     """'arithmetic/add:0.5,7' -> [(name, token, share)], shares normalised to sum to 1."""
     parsed = []
     for item in [p for p in spec.split(",") if p]:
         name, _, share = item.partition(":")
         if name.isdigit():
             token = int(name)
+        elif name == "bos" and bos is not None:
+            token = bos
         elif name in data_meta:
             token = data_meta[name]["dataset_token"]
         else:
@@ -85,7 +88,7 @@ def main():
     model, ckpt = load_checkpoint(init_from, dev)
     model.eval()
     data_meta = ckpt.get("data", {})
-    parsed = parse_prompts(prompts, data_meta)
+    parsed = parse_prompts(prompts, data_meta, ckpt.get("tokenizer", {}).get("bos"))
     T = length or model.config.block_size
     if T > model.config.block_size or T < 2:
         raise UserError(f"--length={T} must be between 2 and the model's block_size {model.config.block_size}")
@@ -108,7 +111,7 @@ def main():
     print(f"sampled {len(tokens):,} sequences x {T} tokens in {seconds:.1f}s "
           f"({len(tokens) * (T - 1) / seconds:,.0f} new tokens/s)")
 
-    tokenizers = {m.get("tokenizer") for m in data_meta.values()}
+    tokenizers = known_tokenizers(ckpt)
     meta = {
         "source_checkpoint": os.path.abspath(init_from),
         "source_step": ckpt.get("step"),

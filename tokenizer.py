@@ -196,25 +196,35 @@ def fingerprint(path):
         return "bpe-" + hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-def build_text_datasets(out_root, splits, vocab_size, source):
-    """Train one BPE on every language's train text, then write each language as a dataset in the
-    stream layout: out_root/tokenizer.json and out_root/<lang>/{train,val}.bin + meta.json.
+def build_text_datasets(out_root, splits, vocab_size, source, tokenizer_path=""):
+    """Train one BPE on every language's train text (or use a released model's tokenizer, at
+    tokenizer_path), then write each language as a dataset in the stream layout:
+    out_root/<lang>/{train,val}.bin + meta.json (and out_root/tokenizer.json when trained here).
     splits: {lang: {"train": text, "val": text}} with lang in DATASET_TOKENS."""
     os.makedirs(out_root, exist_ok=True)
     t0 = time.time()
-    merges = train_bpe("".join(s["train"] for s in splits.values()), vocab_size)
-    tok_path = os.path.join(out_root, "tokenizer.json")
-    save(merges, tok_path)
-    encoding = load(tok_path)
-    print(f"trained BPE with {len(merges)} merges (vocab {encoding.n_vocab}) in {time.time() - t0:.0f}s")
+    if tokenizer_path:
+        # a released model reads its own tokenizer, and its replay prompt is its BOS token: that
+        # token starts every window of both languages
+        tok_path = os.path.abspath(tokenizer_path)
+        encoding, normalize = load(tok_path), normalizer(tok_path)
+        dataset_tokens = {lang: json.load(open(tok_path))["bos"] for lang in splits}
+    else:
+        merges = train_bpe("".join(s["train"] for s in splits.values()), vocab_size)
+        tok_path = os.path.join(out_root, "tokenizer.json")
+        save(merges, tok_path)
+        encoding, normalize, dataset_tokens = load(tok_path), (lambda text: text), DATASET_TOKENS
+        print(f"trained BPE with {len(merges)} merges (vocab {encoding.n_vocab}) in {time.time() - t0:.0f}s")
+    n_vocab = encoding.max_token_value + 1
+    token_dtype = "uint16" if n_vocab <= 1 << 16 else "uint32"
     for lang, texts in splits.items():
         out_dir = os.path.join(out_root, lang)
         os.makedirs(out_dir, exist_ok=True)
         meta = {"kind": "text", "source": source, "language": lang, "tokenizer": fingerprint(tok_path),
-                "tokenizer_path": tok_path, "vocab_size": encoding.n_vocab, "dataset_token": DATASET_TOKENS[lang],
-                "row_len": None}
+                "tokenizer_path": tok_path, "vocab_size": n_vocab, "dataset_token": dataset_tokens[lang],
+                "row_len": None, "token_dtype": token_dtype}
         for split, text in texts.items():
-            ids = np.array(encoding.encode_ordinary(text), dtype=np.uint16)
+            ids = np.array(encoding.encode_ordinary(normalize(text)), dtype=token_dtype)
             ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
             os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
             meta[f"n_{split}_tokens"] = int(len(ids))

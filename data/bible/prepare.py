@@ -5,12 +5,14 @@ translations share (the 66 of the Protestant canon), tokenized with a BPE traine
 
     apt-get install -y --no-install-recommends sword-text-web sword-text-sparv
     python data/bible/prepare.py [--modules_dir=/usr/share/sword] [--vocab_size=4096] [--out=bible]
+    python data/bible/prepare.py --tokenizer=out/smollm2/tokenizer.json --out=bible_smollm2
 
 Writes data/<out>/tokenizer.json and data/<out>/{en,es}/{train,val}.bin + meta.json in the stream
 layout (dataset token English 0, Spanish 1), so the datasets are named <out>/en and <out>/es. Every
 20th chapter goes to val. The capacity sweeps use a second copy with a 512-token vocabulary
 (--vocab_size=512 --out=bible512): with tiny widths the embedding would otherwise hold most of the
-parameters.
+parameters. With --tokenizer=, the text is tokenized by a released model's tokenizer (convert.py)
+instead, and every window starts with that model's BOS token (its replay prompt).
 
 The zText format (per testament `ot` / `nt`):
   .bzs  one 12-byte record per compressed block: offset, compressed size, uncompressed size (<III)
@@ -113,7 +115,7 @@ def split_chapters(bible, books, every=20):
     return "\n".join(train) + "\n", "\n".join(val) + "\n"
 
 
-def prepare(modules_dir, out_root, vocab_size=4096):
+def prepare(modules_dir, out_root, vocab_size=4096, tokenizer_path=""):
     bibles = {lang: read_bible(find_module(modules_dir, prefix)) for lang, prefix in LANGUAGES.items()}
     shared = [b for b in bibles["en"] if b in bibles["es"] and bibles["en"][b] and bibles["es"][b]]
     splits = {lang: dict(zip(("train", "val"), split_chapters(bibles[lang], shared))) for lang in LANGUAGES}
@@ -121,20 +123,23 @@ def prepare(modules_dir, out_root, vocab_size=4096):
         print(f"{lang}: {len(shared)} shared books, {len(splits[lang]['train']) / 1e6:.2f} MB train, "
               f"{len(splits[lang]['val']) / 1e6:.2f} MB val")
 
-    bpe.build_text_datasets(out_root, splits, vocab_size, source="sword")
+    bpe.build_text_datasets(out_root, splits, vocab_size, source="sword", tokenizer_path=tokenizer_path)
     return shared
 
 
 def main(argv):
-    settings = {"modules_dir": "/usr/share/sword", "vocab_size": "4096", "out": "bible"}
+    settings = {"modules_dir": "/usr/share/sword", "vocab_size": "4096", "out": "bible", "tokenizer": ""}
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings:
-            sys.exit(f"error: unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N --out=NAME")
+            sys.exit(f"error: unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N --out=NAME --tokenizer=PATH")
         settings[key] = value
     try:
         data_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        prepare(settings["modules_dir"], os.path.join(data_dir, settings["out"]), int(settings["vocab_size"]))
+        if settings["tokenizer"] and not os.path.exists(settings["tokenizer"]):
+            raise FileNotFoundError(f"--tokenizer={settings['tokenizer']} not found: run convert.py first")
+        prepare(settings["modules_dir"], os.path.join(data_dir, settings["out"]), int(settings["vocab_size"]),
+                settings["tokenizer"])
     except FileNotFoundError as e:
         sys.exit(f"error: {e}")
 

