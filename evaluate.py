@@ -36,10 +36,14 @@ def parse_named(spec):
     return named
 
 
+reference_logits = {}  # dataset -> the reference's logits on its fixed sequences, computed once for all models
+
+
 def measure(model, reference_model, data, dev):
     T = block_size or model.config.block_size
     if reference_model is not None and reference_model is not model:
-        loss, kl = eval_loss_and_kl(model, reference_model, data, T, max_sequences=eval_sequences, device=dev)
+        loss, kl = eval_loss_and_kl(model, reference_model, data, T, max_sequences=eval_sequences, device=dev,
+                                    reference_cache=reference_logits.setdefault(data.name, {}))
         out = {"loss": loss, "kl_to_reference": kl}
     else:
         out = {"loss": eval_loss(model, data, T, max_sequences=eval_sequences, device=dev)}

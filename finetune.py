@@ -275,6 +275,8 @@ def main():
     step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
     autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
+    teacher_logits = {}  # the frozen teacher's logits on the fixed validation sequences, computed once
+
     def evaluate(step, losses, t0):
         student.eval()
         record = {"step": step, "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
@@ -282,7 +284,8 @@ def main():
         for name, d in tracked.items():
             if eval_kl:
                 record[f"val_loss/{d.short_name}"], record[f"val_kl/{d.short_name}"] = eval_loss_and_kl(
-                    student, teacher, d, T, max_sequences=eval_sequences, device=dev)
+                    student, teacher, d, T, max_sequences=eval_sequences, device=dev,
+                    reference_cache=teacher_logits.setdefault(name, {}))
             else:
                 record[f"val_loss/{d.short_name}"] = eval_loss(student, d, T, max_sequences=eval_sequences, device=dev)
             if "answer_start" in d.meta:

@@ -1,7 +1,10 @@
 """Shared fixtures: small toy datasets in a temporary folder and a way to run a pipeline script
 in-process with overridden constants (as `python script.py --key=value` would)."""
 import importlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -40,3 +43,36 @@ def tiny_checkpoint(toy_data, tmp_path_factory):
                max_steps=30, eval_interval=30, eval_sequences=32, batch_size=32, warmup_steps=5,
                device="cpu", **TINY_MODEL)
     return os.path.join(out, "ckpt.pt")
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def assert_two_processes_match_one(argv, out_dir):
+    """Run a training script once as one process and once under torchrun with two (gloo on CPU):
+    the logged losses must agree step for step (every rank trains on its slice of the same global
+    batch, so two processes follow the single-process trajectory)."""
+    one = subprocess.run([sys.executable, *argv, f"--out_dir={out_dir}/one"], cwd=REPO, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    # --standalone: a free local port for every run, so back-to-back runs never collide
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run([*torchrun, *argv, f"--out_dir={out_dir}/two"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    # the workers' own messages come first; torchrun's summary at the end says only who died
+    assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "it/s" not in l)[:4000]
+    logs = [[json.loads(l) for l in open(os.path.join(out_dir, d, "log.jsonl"))] for d in ("one", "two")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] and len(logs[0]) > 1
+    for a, b in zip(*logs):
+        for key in a:
+            if key.startswith(("train_loss", "loss_", "val_loss")) and a[key] is not None:
+                assert abs(a[key] - b[key]) < 1e-4, (argv[0], a["step"], key, a[key], b[key])
+    return logs[0]
+
+
+def greedy_by_recomputing(model, prompt, new_tokens):
+    """Greedy decoding the slow, obvious way: run the whole prefix again for every new token."""
+    out = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = torch.cat([out, model(out)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out

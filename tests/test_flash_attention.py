@@ -63,11 +63,13 @@ def test_unsupported_head_dim_is_refused():
         flash_attention(*(torch.randn(1, 1, 16, 24, device=DEVICE) for _ in range(3)))
 
 
-def test_the_model_runs_on_the_kernel_when_asked(monkeypatch):
+@pytest.mark.parametrize("kv_heads", [0, 1], ids=["paper", "grouped-query"])
+def test_the_model_runs_on_the_kernel_when_asked(monkeypatch, kv_heads):
     import model
     monkeypatch.setattr(model, "ATTENTION", "flash")   # on CUDA "auto" picks it; on CPU only on request
     torch.manual_seed(0)
-    gpt = model.GPT(model.GPTConfig(vocab_size=50, block_size=32, width=64, depth=1, head_dim=32)).to(DEVICE)
+    config = model.GPTConfig(vocab_size=50, block_size=32, width=64, depth=1, head_dim=32, n_kv_heads=kv_heads)
+    gpt = model.GPT(config).to(DEVICE)
     x = torch.randint(0, 50, (2, 24), device=DEVICE)
     with_kernel = gpt(x)
     assert model._flash is not None and model._flash is not False   # passed its self-check

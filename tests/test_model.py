@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import greedy_by_recomputing
 from model import GPT, GPTConfig, KVCache, count_parameters
 
 
@@ -55,12 +56,7 @@ def test_kv_cache_decoding_matches_full_forward():
 def test_generate_greedy_matches_recomputing_the_prefix():
     model = tiny()
     prompt = torch.randint(0, 23, (4, 3))
-    fast = model.generate(prompt, 10, temperature=0)
-    naive = prompt
-    with torch.no_grad():
-        for _ in range(10):
-            naive = torch.cat([naive, model(naive)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(fast, naive)
+    assert torch.equal(model.generate(prompt, 10, temperature=0), greedy_by_recomputing(model, prompt, 10))
 
 
 def test_sampling_is_deterministic_given_a_generator_seed():
@@ -109,8 +105,14 @@ def test_fixed_shape_decode_step_matches_full_forward_logits():
             assert (step_logits - full[:, t]).abs().max().item() < 1e-5
 
 
-def test_compiled_decode_step_generates_the_same_tokens():
-    model = tiny()
+LLAMA_SWITCHES = dict(n_heads=4, n_kv_heads=2, mlp="swiglu", mlp_width=48, norm_gain=True, qk_norm=False,
+                      rope_theta=1e5, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("switches", [{}, LLAMA_SWITCHES], ids=["paper", "llama"])
+def test_compiled_decode_step_generates_the_same_tokens(switches):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=23, block_size=16, width=32, depth=2, head_dim=8, **switches)).eval()
     prompt = torch.randint(0, 23, (4, 2))
     eager = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3))
     compiled = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3), compile_step=True)

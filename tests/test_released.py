@@ -15,7 +15,7 @@ import torch
 
 import tokenizer as bpe
 from common import load_checkpoint
-from conftest import run_script
+from conftest import assert_two_processes_match_one, greedy_by_recomputing, run_script
 from model import GPT, GPTConfig, KVCache
 
 gguf = pytest.importorskip("gguf", reason="the converter tests need gguf (requirements-test.txt installs it)")
@@ -290,13 +290,7 @@ def test_kv_cache_decoding_with_every_switch_on_matches_full_forward():
         for t in range(5, 20):
             assert (model.decode_step(x[:, t:t + 1], cache) - full[:, t]).abs().max().item() < 1e-5
             cache.position += 1
-    prompt = x[:, :2]
-    greedy = model.generate(prompt, 10, temperature=0)
-    naive = prompt
-    with torch.no_grad():
-        for _ in range(10):
-            naive = torch.cat([naive, model(naive)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(greedy, naive)
+    assert torch.equal(model.generate(x[:, :2], 10, temperature=0), greedy_by_recomputing(model, x[:, :2], 10))
 
 
 def test_tied_embeddings_are_one_tensor_and_lora_wraps_the_gate_too():
@@ -357,7 +351,7 @@ def test_replay_finetune_and_evaluate_run_on_a_converted_model(tiny_gguf, tiny_t
     ft = dict(init_from=ckpt, dataset=str(tiny_text / "es"), eval_datasets=f"{tiny_text / 'en'},corpus:{corpus}",
               block_size=16, batch_size=4, max_steps=2, eval_interval=1, eval_sequences=4, eval_kl=True, device="cpu")
     run_script("finetune", out_dir=str(tmp_path / "kl"), replay="kl", replay_source=corpus, replay_batch_size=4, **ft)
-    run_script("finetune", out_dir=str(tmp_path / "lora"), lora_rank=2, **ft)
+    run_script("finetune", out_dir=str(tmp_path / "lora"), lora_rank=2, dtype="bfloat16", **ft)
     log = [json.loads(l) for l in open(tmp_path / "kl" / "log.jsonl")]
     assert log[0]["val_kl/en"] == pytest.approx(0, abs=1e-6) and log[-1]["val_kl/replay"] > 0
     finetuned = torch.load(tmp_path / "kl" / "ckpt.pt", weights_only=True)
@@ -369,13 +363,21 @@ def test_replay_finetune_and_evaluate_run_on_a_converted_model(tiny_gguf, tiny_t
     assert metrics["kl"]["replay"]["kl_to_reference"] > 0 and "en" in metrics["lora"]
 
 
+def test_torchrun_two_processes_match_one_on_a_converted_model(tiny_gguf, tiny_text, tmp_path):
+    root, _ = tiny_gguf
+    assert_two_processes_match_one(["finetune.py", f"--init_from={root / 'model' / 'ckpt.pt'}",
+                                    f"--dataset={tiny_text / 'es'}", "--replay=kl", f"--replay_source=data:{tiny_text / 'en'}",
+                                    "--block_size=16", "--batch_size=8", "--max_steps=3", "--eval_interval=1",
+                                    "--eval_sequences=4", "--device=cpu"], tmp_path)
+
+
 # --- bad input: one line, exit code 2, nothing written -------------------------------------------
 
 def script(*argv):
     return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True)
 
 
-def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, toy_data, tmp_path):
+def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tiny_text, toy_data, tmp_path):
     root, _ = tiny_gguf
     w = random_llama(len(TOKENS), **GGUF_DIMS, tie=True, qk_norm=False)
     write_gguf(str(tmp_path / "gemma.gguf"), w, arch="gemma3")
@@ -384,6 +386,18 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, toy
     whole = (root / "tiny.gguf").read_bytes()
     (tmp_path / "truncated.gguf").write_bytes(whole[:len(whole) // 2])
     write_gguf(str(tmp_path / "unknown_pre.gguf"), w, pre="some-new-model")
+    hf_config = {"architectures": ["LlamaForCausalLM"], "vocab_size": len(TOKENS), "max_position_embeddings": 64,
+                 "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "intermediate_size": 96, "rms_norm_eps": 1e-5}
+    write_hf_folder(str(tmp_path / "hf"), random_llama(len(TOKENS), **GGUF_DIMS, tie=False, qk_norm=False), hf_config,
+                    SPLIT_THEN_BYTELEVEL)
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    toy_corpus = str(tmp_path / "toy_corpus.pt")   # the right vocabulary size, another tokenizer
+    toy_tokenizer = json.load(open(os.path.join(toy_data["add"], "meta.json")))["tokenizer"]
+    torch.save({"tokens": torch.ones(4, 16, dtype=torch.int32), "meta": {"vocab_size": len(TOKENS),
+                                                                       "tokenizer": toy_tokenizer}}, toy_corpus)
+    converted = root / "model" / "ckpt.pt"
     cases = [
         (["convert.py", f"--source={tmp_path / 'gemma.gguf'}"], "architecture 'gemma3' is not supported"),
         (["convert.py", f"--source={tmp_path / 'q2k.gguf'}"], "Q2_K, which is not supported"),
@@ -391,12 +405,17 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, toy
         (["convert.py", f"--source={tmp_path / 'unknown_pre.gguf'}"], "pre-tokenizer 'some-new-model'"),
         (["convert.py", f"--source={tmp_path / 'missing.gguf'}"], "not found"),
         (["convert.py", f"--source={tmp_path}"], "lacks config.json"),
-        (["finetune.py", f"--init_from={root / 'model' / 'ckpt.pt'}", f"--dataset={toy_data['add']}", "--device=cpu"],
-         "tokenized by"),
+        (["convert.py", f"--source={tmp_path / 'hf'}"], "is truncated"),
+        (["finetune.py", f"--init_from={converted}", f"--dataset={toy_data['add']}", "--device=cpu"], "tokenized by"),
+        (["evaluate.py", f"--checkpoints=a={converted}", f"--reference={converted}", f"--datasets={toy_data['add']}",
+          "--device=cpu"], "tokenized by"),
+        (["finetune.py", f"--init_from={converted}", f"--dataset={tiny_text / 'es'}", "--replay=kl",
+          f"--replay_source={toy_corpus}", "--block_size=16", "--device=cpu"], "comes from tokenizer"),
     ]
     for argv, message in cases:
         out = tmp_path / "out"
-        result = script(*argv, f"--out_dir={out}")
+        target = f"--out_json={out}/e.json" if argv[0] == "evaluate.py" else f"--out_dir={out}"
+        result = script(*argv, target)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len([l for l in lines if l.startswith("error:")]) == 1, result.stderr[-2000:]
         assert message in lines[-1], (argv, lines[-1])

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import assert_two_processes_match_one, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,26 +216,12 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tiny_checkpoint, tm
 def test_torchrun_two_processes_match_one_process(tiny_checkpoint, toy_data, tmp_path):
     common = ["--batch_size=32", "--max_steps=5", "--eval_interval=1", "--eval_sequences=16", "--warmup_steps=2",
               "--device=cpu"]
-    runs = {
-        "pretrain": ["pretrain.py", f"--datasets={toy_data['sort']}", "--width=32", "--depth=1", "--head_dim=8"],
-        "finetune": ["finetune.py", f"--init_from={tiny_checkpoint}", f"--dataset={toy_data['add']}", "--replay=kl",
-                     f"--replay_source=data:{toy_data['sort']}"],
-    }
-    for name, argv in runs.items():
-        one = script(*argv, *common, f"--out_dir={tmp_path / name / 'one'}")
-        assert one.returncode == 0, one.stderr[-2000:]
-        # --standalone: a free local port for every run, so back-to-back runs never collide
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        two = subprocess.run([*torchrun, *argv, *common, f"--out_dir={tmp_path / name / 'two'}"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
-        # the workers' own messages come first; torchrun's summary at the end says only who died
-        assert two.returncode == 0, "\n".join(l for l in two.stderr.splitlines() if "it/s" not in l)[:4000]
-        logs = [[json.loads(l) for l in open(tmp_path / name / d / "log.jsonl")] for d in ("one", "two")]
-        assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4, 5]
-        for a, b in zip(*logs):
-            for key in a:
-                if key.startswith(("train_loss", "loss_", "val_loss")) and a[key] is not None:
-                    assert abs(a[key] - b[key]) < 1e-4, (name, a["step"], key, a[key], b[key])
+    pretrain = assert_two_processes_match_one(["pretrain.py", f"--datasets={toy_data['sort']}", "--width=32",
+                                               "--depth=1", "--head_dim=8", *common], tmp_path / "pretrain")
+    finetune = assert_two_processes_match_one(["finetune.py", f"--init_from={tiny_checkpoint}",
+                                               f"--dataset={toy_data['add']}", "--replay=kl",
+                                               f"--replay_source=data:{toy_data['sort']}", *common], tmp_path / "finetune")
+    assert [r["step"] for r in pretrain] == [r["step"] for r in finetune] == [0, 1, 2, 3, 4, 5]
 
 
 def test_interrupted_sampling_resumes_to_the_same_corpus(tiny_checkpoint, toy_data, tmp_path, monkeypatch):

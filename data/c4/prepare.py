@@ -13,10 +13,9 @@ import gzip
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import common
 import tokenizer as bpe
 
 BASE_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/"
@@ -27,21 +26,7 @@ SHARDS = {  # language -> shard file name pattern under BASE_URL
 
 
 def download(url, path):
-    """Fetch url to path (atomically); a failure becomes one clear line."""
-    if os.path.exists(path):
-        return path
-    tmp = path + ".tmp"
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise ConnectionError(f"could not download {url} ({getattr(e, 'reason', e)}): C4 needs internet; "
-                              f"offline, use data/bible/prepare.py") from None
-    os.replace(tmp, path)
-    return path
+    return common.download(url, path, "C4 needs internet; offline, use data/bible/prepare.py")
 
 
 def read_documents(paths, max_bytes):
