@@ -33,6 +33,7 @@ arms = "no_replay,replay"
 runs = ""                       # comma-separated name=log.jsonl
 old = "add"                     # dataset short names as they appear in the logs (val_loss/<name>)
 new = "sort"
+right = ""                      # right panel: "" = zoom on the left one, or another logged metric (val_kl/<name>)
 # sweep_*
 results = ""                    # results/sweep_<study>.json
 
@@ -84,22 +85,31 @@ def frontier_figure():
     named = [item.partition("=") for item in runs.split(",") if item]
     if not named:
         raise UserError("--runs is empty: give name=path/to/log.jsonl pairs")
-    # left: every run; right: the same, zoomed on the runs that stay near the old-data loss
+    # left: every run; right: the same, zoomed on the runs that stay near the old-data loss, or
+    # another logged measure of forgetting (e.g. KL to the model before finetuning) against the same axis
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lowest = float("inf")
+    second = right or f"val_loss/{old}"
     for name, _, path in named:
-        records = [r for r in read_log(path) if f"val_loss/{old}" in r and f"val_loss/{new}" in r]
+        records = [r for r in read_log(path) if f"val_loss/{old}" in r and f"val_loss/{new}" in r and second in r]
         if not records:
-            raise UserError(f"{path} has no val_loss/{old} and val_loss/{new}: pass --old/--new as logged there")
+            raise UserError(f"{path} has no val_loss/{old}, val_loss/{new} and {second}: pass --old/--new/--right "
+                            f"as logged there")
         xs, ys = [r[f"val_loss/{new}"] for r in records], [r[f"val_loss/{old}"] for r in records]
         lowest = min(lowest, min(ys))
-        for ax in axes:
-            ax.plot(xs, ys, marker="o", ms=3, label=name)
-    axes[1].set_ylim(lowest - 0.05, lowest + 0.6)
-    axes[1].set_title("zoom", fontsize=9)
+        axes[0].plot(xs, ys, marker="o", ms=3, label=name)
+        axes[1].plot(xs, [r[second] for r in records], marker="o", ms=3, label=name)
+    if right:
+        kind, _, data = right.partition("/")
+        label = f"KL to the model before finetuning ({data})" if kind == "val_kl" else right
+        axes[1].set_ylabel(f"{label}, lower = less forgetting")
+    else:
+        axes[1].set_ylim(lowest - 0.05, lowest + 0.6)
+        axes[1].set_title("zoom", fontsize=9)
+        axes[1].set_ylabel(f"old-data loss ({old}), lower = less forgetting")
+    axes[0].set_ylabel(f"old-data loss ({old}), lower = less forgetting")
     for ax in axes:
         ax.set_xlabel(f"new-data loss ({new}), training moves right")
-        ax.set_ylabel(f"old-data loss ({old}), lower = less forgetting")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -191,7 +191,7 @@ def main():
     atomic_write_text("results/released_model.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     runs = ",".join(f"{m}={out_root}/{m}/log.jsonl" for m in METHODS)
-    launch("plot.py", {"figure": "frontier", "runs": runs, "old": "en", "new": "es",
+    launch("plot.py", {"figure": "frontier", "runs": runs, "old": "en", "new": "es", "right": "val_kl/heldout_self",
                        "out": "results/released_model.png"}, "plot")
     print(f"wrote results/released_model.json, .md and .png; kl_self forgets "
           f"{result['kl_self_forgetting_vs_standard']:.0%} of what standard finetuning forgets")
