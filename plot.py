@@ -101,7 +101,7 @@ def frontier_figure():
         axes[1].plot(xs, [r[second] for r in records], marker="o", ms=3, label=name)
     if right:
         kind, _, data = right.partition("/")
-        label = f"KL to the model before finetuning ({data})" if kind == "val_kl" else right
+        label = f"KL to the model before finetuning\non {data}" if kind == "val_kl" else right
         axes[1].set_ylabel(f"{label}, lower = less forgetting")
     else:
         axes[1].set_ylim(lowest - 0.05, lowest + 0.6)
