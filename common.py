@@ -480,16 +480,15 @@ def eval_loss_and_kl(model, reference, dataset, block_size, batch_size=256, max_
     """Mean next-token loss and mean KL(reference || model) on the fixed validation sequences, from
     one forward pass of each model. The reference is frozen and the sequences are fixed, so its
     logits can be kept between calls: pass a dict as reference_cache (one per dataset)."""
+    cache = {} if reference_cache is None else reference_cache
     loss, kl, count = 0.0, 0.0, 0
     for i, x in enumerate(dataset.eval_batches("val", batch_size, block_size, max_sequences)):
         x = x.to(device)
         logits = model(x)
-        if reference_cache is None or i not in reference_cache:
-            reference_logits = reference(x)
-            if reference_cache is not None:
-                reference_cache[i] = reference_logits
+        if i not in cache:
+            cache[i] = reference(x)
         loss += ntp_loss(logits, x).item() * len(x)
-        kl += kl_loss(logits, reference_cache[i] if reference_cache is not None else reference_logits).item() * len(x)
+        kl += kl_loss(logits, cache[i]).item() * len(x)
         count += len(x)
     return loss / count, kl / count
 

@@ -52,6 +52,11 @@ def measure(model, reference_model, data, dev):
     return out
 
 
+def same_model(a, b):
+    """Two model_configs describe the same architecture (older checkpoints lack the newer fields)."""
+    return GPTConfig(**a).to_dict() == GPTConfig(**b).to_dict()
+
+
 def main():
     dev = pick_device(device)
     named = parse_named(checkpoints)
@@ -61,8 +66,7 @@ def main():
         models[name], ckpt = load_checkpoint(path, dev)
         steps[name] = {"step": ckpt.get("step"), "stop_reason": ckpt.get("stop_reason")}
         models[name].eval()
-        same = lambda a, b: GPTConfig(**a).to_dict() == GPTConfig(**b).to_dict()  # older checkpoints lack new fields
-        if ref_model is not None and not same(ckpt["model_config"], ref_ckpt["model_config"]):
+        if ref_model is not None and not same_model(ckpt["model_config"], ref_ckpt["model_config"]):
             raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the reference {reference} has "
                             f"{ref_ckpt['model_config']}: compare checkpoints of the same model")
     first_ckpt = ref_ckpt or ckpt

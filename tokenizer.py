@@ -103,10 +103,7 @@ def save(merges, path):
     """The tokenizer as JSON: the pattern, the special tokens and the merges (base64 bytes)."""
     data = {"pattern": PATTERN, "special_tokens": SPECIAL_TOKENS,
             "merges": [base64.b64encode(m).decode("ascii") for m in merges]}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data))
 
 
 def load(path):
@@ -228,8 +225,6 @@ def build_text_datasets(out_root, splits, vocab_size, source, tokenizer_path="")
             ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
             os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
             meta[f"n_{split}_tokens"] = int(len(ids))
-        with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+        atomic_write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2))
         print(f"{lang}: {meta['n_train_tokens']:,} train tokens, {meta['n_val_tokens']:,} val tokens")
     return encoding
