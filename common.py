@@ -163,13 +163,14 @@ def check_finite(record, ckpt_path, hint):
                         f"{hint}; {last}")
 
 
-def from_rank0(flag, world_size):
-    """Rank 0's decision (e.g. "target reached, stop"), shared with every rank so all stop together."""
+def from_rank0(value, world_size):
+    """Rank 0's decision (a flag, "target reached, stop", or a step number), shared with every rank
+    so that all act together."""
     if world_size == 1:
-        return bool(flag)
-    t = torch.tensor([int(bool(flag))])
+        return int(value)
+    t = torch.tensor([int(value)])
     dist.broadcast(t, 0)
-    return bool(t.item())
+    return t.item()
 
 
 # ----------------------------------------------------------------------------------------------

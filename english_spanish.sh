@@ -3,8 +3,9 @@
 #
 # A small GPT is pretrained on English (World English Bible) to saturation, then finetuned on
 # Spanish (Reina-Valera 1909) with each method until its Spanish validation loss reaches the same
-# target. How much English it lost on the way is the forgetting. Methods:
-#   standard   plain finetuning                 lora16     LoRA rank 16
+# target, all at the same learning rate. How much English it lost on the way is the forgetting, read
+# at exactly that Spanish loss. Methods:
+#   standard   plain finetuning                 lora16     LoRA rank 16 (+ full embeddings)
 #   kl_self    KL on self-generated English     kl_real    KL on real English
 #   ntp_self   NTP on self-generated English    ntp_real   NTP on real English
 #   lwf        KL to the pretrained model on the Spanish batches (Learning without Forgetting)
@@ -22,16 +23,21 @@ if [ "$PROFILE" = gpu ]; then   # paper default model: D=256, L=6, head dim 64, 
     MODEL=(--width=256 --depth=6 --head_dim=64 --block_size=256)
     PRETRAIN=(--batch_size=256 --max_steps=20000 --dtype=bfloat16 --compile=True)
     FT=(--batch_size=64 --dtype=bfloat16)
-    REPLAY_SAMPLES=16384; STANDARD_STEPS=1000; MAX_STEPS=5000
+    REPLAY_BATCH=16; STANDARD_STEPS=1000; MAX_STEPS=5000
+    REAL_REUSE=True   # 5000 x 16 windows of 256 tokens pass over the 1M-token Bible 20 times
 else                            # CPU-mini: 4 layers of width 128, 128-token windows
     MODEL=(--width=128 --depth=4 --head_dim=32 --block_size=128)
     PRETRAIN=(--batch_size=32 --max_steps=${PRETRAIN_STEPS:-3000} --dtype=bfloat16)
     FT=(--batch_size=32 --dtype=bfloat16)
-    REPLAY_SAMPLES=2048; STANDARD_STEPS=200; MAX_STEPS=600
+    REPLAY_BATCH=8; STANDARD_STEPS=200; MAX_STEPS=900
+    REAL_REUSE=False  # 900 x 8 windows of 128 tokens: 0.9 passes over the English training split
 fi
-LR=${LR:-1e-3}            # finetuning learning rate (constant after warmup, as in the paper)
-LORA_LR=${LORA_LR:-3e-3}  # LoRA adapters start at zero and need a larger step
+LR=${LR:-1e-3}            # finetuning learning rate, the same for every method (constant after warmup)
 COEFF=${COEFF:-1.0}       # replay / LwF coefficient
+# replay: REPLAY_BATCH old-distribution sequences per step beside the new batch (a quarter of it, as
+# the study's 64 beside 256), never the same self-generated sequence twice: the corpus holds one
+# sequence for every replay row of the longest run
+REPLAY_SAMPLES=$((MAX_STEPS * REPLAY_BATCH))
 started_at=$(date +%s)
 
 run() { echo "+ $*"; "$@"; }
@@ -49,29 +55,26 @@ finetune() {  # name, then extra finetune.py arguments
     local name=$1; shift
     if [ -f $OUT/$name/ckpt.pt ]; then echo "= $name done, skipping"; return; fi
     run python finetune.py --init_from=$OUT/pretrain_en/ckpt.pt --dataset=bible/es --out_dir=$OUT/$name \
-        "${FT[@]}" --learning_rate=$LR --eval_interval=20 --eval_sequences=128 "$@"
+        "${FT[@]}" --learning_rate=$LR --eval_interval=20 --eval_sequences=256 --eval_kl=True "$@"
 }
 # The Spanish target is the validation loss standard finetuning reaches in STANDARD_STEPS steps;
-# every other method trains until it reaches the same loss (or gives up after MAX_STEPS).
+# every other method trains until it reaches the same loss (or gives up after MAX_STEPS), and is
+# read off its log at exactly that loss (interpolated between the two evaluations around it).
 finetune standard --max_steps=$STANDARD_STEPS
 TARGET=$(python -c "import json; print(json.loads(open('$OUT/standard/log.jsonl').readlines()[-1])['val_loss/es'])")
 echo "Spanish target loss: $TARGET"
-finetune lora16   --lora_rank=16 --learning_rate=$LORA_LR \
-    --target_val_loss=$TARGET --max_steps=$MAX_STEPS
-finetune kl_self  --replay=kl  --replay_coeff=$COEFF --replay_source=$OUT/replay_en.pt \
-    --target_val_loss=$TARGET --max_steps=$MAX_STEPS
-finetune kl_real  --replay=kl  --replay_coeff=$COEFF --replay_source=data:bible/en \
-    --target_val_loss=$TARGET --max_steps=$MAX_STEPS
-finetune ntp_self --replay=ntp --replay_coeff=$COEFF --replay_source=$OUT/replay_en.pt \
-    --target_val_loss=$TARGET --max_steps=$MAX_STEPS
-finetune ntp_real --replay=ntp --replay_coeff=$COEFF --replay_source=data:bible/en \
-    --target_val_loss=$TARGET --max_steps=$MAX_STEPS
-finetune lwf      --lwf_coeff=$COEFF --target_val_loss=$TARGET --max_steps=$MAX_STEPS
+UNTIL=(--target_val_loss=$TARGET --max_steps=$MAX_STEPS)
+SELF=(--replay_source=$OUT/replay_en.pt --replay_batch_size=$REPLAY_BATCH)
+REAL=(--replay_source=data:bible/en --replay_batch_size=$REPLAY_BATCH --replay_reuse=$REAL_REUSE)
+finetune lora16   --lora_rank=16 --lora_embeddings=True "${UNTIL[@]}"
+finetune kl_self  --replay=kl  --replay_coeff=$COEFF "${SELF[@]}" "${UNTIL[@]}"
+finetune kl_real  --replay=kl  --replay_coeff=$COEFF "${REAL[@]}" "${UNTIL[@]}"
+finetune ntp_self --replay=ntp --replay_coeff=$COEFF "${SELF[@]}" "${UNTIL[@]}"
+finetune ntp_real --replay=ntp --replay_coeff=$COEFF "${REAL[@]}" "${UNTIL[@]}"
+finetune lwf      --lwf_coeff=$COEFF "${UNTIL[@]}"
 
 METHODS=(standard lora16 kl_self kl_real ntp_self ntp_real lwf)
-checkpoints=$(for m in "${METHODS[@]}"; do printf "%s=%s/%s/ckpt.pt," $m $OUT $m; done)
 logs=$(for m in "${METHODS[@]}"; do printf "%s=%s/%s/log.jsonl," $m $OUT $m; done)
-run python evaluate.py --checkpoints=${checkpoints%,} --reference=$OUT/pretrain_en/ckpt.pt \
-    --datasets=bible/en,bible/es --eval_sequences=512 --started_at=$started_at \
+run python evaluate.py --logs=${logs%,} --match=val_loss/es=$TARGET \
     --out_json=results/method_comparison.json --out_md=results/method_comparison.md
 run python plot.py --figure=frontier --runs=${logs%,} --old=en --new=es --out=results/method_comparison.png

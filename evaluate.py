@@ -8,11 +8,19 @@ accuracy. Forgetting is the change from the reference: loss increase, accuracy d
 
 Prints a markdown table and writes out_json (and out_md if set). The JSON holds, per checkpoint
 ("arms"), the accuracy of every toy dataset, and in "metrics" everything measured.
+
+Methods are compared at the same new-data loss, read off their finetuning logs (the validation
+windows the runs stopped on): for every run, each logged metric at the point where `match` falls to
+the target, linearly interpolated between the two evaluations around it.
+
+    python evaluate.py --logs=standard=out/en_es/standard/log.jsonl,kl=out/en_es/kl_self/log.jsonl \
+        --match=val_loss/es=4.744 --out_json=results/method_comparison.json
 """
+import os
 import time
 
 from common import (UserError, answer_accuracy, atomic_write_text, check_compatible, eval_loss, eval_loss_and_kl,
-                    load_checkpoint, open_eval_set, pick_device, run, write_json)
+                    load_checkpoint, open_eval_set, pick_device, read_jsonl, run, write_json)
 from model import GPTConfig
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
@@ -24,15 +32,18 @@ out_json = "results/eval.json"
 out_md = ""
 started_at = 0.0                                 # unix time the experiment began; recorded as "seconds"
 device = "auto"
+# -- comparison at matched loss, from finetuning logs instead of checkpoints
+logs = ""                                        # comma-separated name=path/to/log.jsonl
+match = ""                                       # key=target, e.g. val_loss/es=4.744
 
 
-def parse_named(spec):
+def parse_named(spec, what="--checkpoints"):
     named = {}
     for item in [s for s in spec.split(",") if s]:
         name, sep, path = item.partition("=")
         named[name if sep else item] = path if sep else item
     if not named:
-        raise UserError("--checkpoints is empty: give name=path pairs")
+        raise UserError(f"{what} is empty: give name=path pairs")
     return named
 
 
@@ -57,14 +68,79 @@ def same_model(a, b):
     return GPTConfig(**a).to_dict() == GPTConfig(**b).to_dict()
 
 
+def at_target(records, key, target):
+    """Every numeric metric of a run at the point where records[key] first falls to `target`:
+    (values, how). Linear interpolation between the evaluation before and the one at or below the
+    target; how = "exact", "interpolated between steps A and B" or "not reached" (then: the run's
+    last evaluation)."""
+    for i, r in enumerate(records):
+        if key in r and r[key] <= target:
+            if r[key] == target or i == 0:
+                return dict(r), "exact"
+            prev = records[i - 1]
+            w = (prev[key] - target) / (prev[key] - r[key])  # 0 at prev, 1 at r
+            values = {k: prev[k] + w * (v - prev[k]) for k, v in r.items()
+                      if isinstance(v, (int, float)) and isinstance(prev.get(k), (int, float))}
+            values[key] = target  # exactly, not up to rounding
+            return values, f"interpolated between steps {prev['step']} and {r['step']}"
+    return dict(records[-1]), "not reached"
+
+
+def compare_at_matched_loss():
+    key, _, target = match.partition("=")
+    if not key or not target:
+        raise UserError(f"--match={match!r} must be key=target, e.g. val_loss/es=4.744")
+    target = float(target)
+    rows = {}
+    for name, path in parse_named(logs, "--logs").items():
+        if not os.path.exists(path):
+            raise UserError(f"{path} not found: run that finetuning first")
+        records = read_jsonl(path)
+        if not records or key not in records[-1]:
+            raise UserError(f"{path} has no {key}: finetune with that dataset tracked")
+        values, how = at_target(records, key, target)
+        start = records[0]
+        row = {"how": how, "step": values["step"], "replay_passes": records[-1].get("replay_passes", 0),
+               "best": min(r[key] for r in records if key in r)}
+        for k, v in values.items():
+            if k.startswith(("val_loss/", "val_kl/")):
+                row[k] = v
+                if k.startswith("val_loss/") and k in start:
+                    row["forgetting/" + k.split("/", 1)[1]] = v - start[k]
+        rows[name] = row
+    report = {"match": key, "target": target, "runs": rows, "logs": parse_named(logs, "--logs")}
+    table = matched_table(rows, key, target)
+    print(table)
+    write_json(out_json, report)
+    if out_md:
+        atomic_write_text(out_md, table + "\n")
+    print(f"wrote {out_json}" + (f" and {out_md}" if out_md else ""))
+
+
+def matched_table(rows, key, target):
+    metrics = [k for k in dict.fromkeys(k for r in rows.values() for k in r) if "/" in k and k != key]
+    lines = [f"At {key} = {target:.4f}:", "",
+             "| method | " + " | ".join(metrics) + " | step | how | replay passes |",
+             "|---" * (len(metrics) + 4) + "|"]
+    for name, r in rows.items():
+        how = r["how"] + (f" (best {r['best']:.3f})" if r["how"] == "not reached" else "")
+        cells = ["" if r.get(m) is None else f"{r[m]:+.3f}" if m.startswith("forgetting/") else f"{r[m]:.3f}"
+                 for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['step']:.0f} | {how} | {r['replay_passes']} |")
+    return "\n".join(lines)
+
+
 def main():
+    if logs:
+        return compare_at_matched_loss()
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
     models, steps = {}, {}
     for name, path in named.items():
         models[name], ckpt = load_checkpoint(path, dev)
-        steps[name] = {"step": ckpt.get("step"), "stop_reason": ckpt.get("stop_reason")}
+        steps[name] = {"step": ckpt.get("step"), "stop_reason": ckpt.get("stop_reason"),
+                       "replay_passes": ckpt.get("replay_passes")}  # None: a checkpoint older than the count
         models[name].eval()
         if ref_model is not None and not same_model(ckpt["model_config"], ref_ckpt["model_config"]):
             raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the reference {reference} has "
@@ -107,13 +183,14 @@ def main():
 
 def markdown_table(results, dataset_names, steps):
     """One row per checkpoint, per dataset: accuracy (toy tasks), loss, and KL to the reference;
-    then the training steps of the checkpoint (and why it stopped)."""
+    then the training steps of the checkpoint (and why it stopped) and how many times its most-used
+    replay sequence was seen (replay passes; 0 = no replay)."""
     columns = []
     for s in dataset_names:
         for key, label in (("accuracy", "acc"), ("loss", "loss"), ("kl_to_reference", "KL")):
             if any(key in results[row][s] for row in results):
                 columns.append((s, key, f"{s} {label}"))
-    lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps |", "|---" * (len(columns) + 2) + "|"]
+    lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps | replay passes |", "|---" * (len(columns) + 3) + "|"]
     for row, metrics in results.items():
         cells = []
         for s, key, _ in columns:
@@ -121,7 +198,8 @@ def markdown_table(results, dataset_names, steps):
             cells.append("" if value is None else f"{value:.3f}")
         step = steps.get(row, {})
         note = f"{step.get('step')}" + (" (target not reached)" if step.get("stop_reason") == "target not reached" else "")
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {note if step else ''} |")
+        passes = "" if step.get("replay_passes") is None else step["replay_passes"]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {note if step else ''} | {passes} |")
     return "\n".join(lines)
 
 

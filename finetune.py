@@ -45,12 +45,16 @@ replay = "none"                  # "none", "kl" = KL(teacher || student), "ntp" 
 replay_coeff = 1.0
 replay_source = ""               # a corpus file from sample_replay.py, or "data:<dataset>" for real old data
 replay_batch_size = 0            # 0 = same as batch_size
+replay_reuse = False             # False = no replay sequence is used twice (the study's protocol): when the
+                                 # corpus runs out, more is sampled from the teacher; True = cycle the corpus
 lwf_coeff = 0.0                  # KL(teacher || student) on the new data (LwF); 0 = off
 mix_dataset = ""                 # real old data mixed into the new batches
 mix_fraction = 0.0               # fraction of each new batch replaced by mix_dataset rows
 # -- LoRA baseline: train only low-rank adapters on every linear layer of the blocks
 lora_rank = 0                    # 0 = full finetuning
 lora_alpha = 0.0                 # adapter scale alpha / rank; 0 = alpha equal to the rank (scale 1)
+lora_embeddings = False          # also train the input and output embeddings in full: needed when the new
+                                 # data is written in tokens the model never saw (English -> Spanish)
 # -- optimisation (a fresh AdamW, as the paper resets the optimizer for each new task)
 batch_size = 256
 learning_rate = 1e-3
@@ -61,6 +65,9 @@ beta2 = 0.99
 weight_decay = 0.02
 max_steps = 500
 target_val_loss = 0.0            # stop once the new data's validation loss is at or below this
+target_accuracy = 0.0            # toy tasks: stop once the new task's exact-match accuracy is at or above this
+cooldown_steps = 0               # with a target: once reached, this many more steps with the learning rate
+                                 # falling linearly to 0, then stop (a high constant LR leaves the model noisy)
 # -- evaluation
 eval_interval = 50
 eval_sequences = 512
@@ -76,18 +83,33 @@ SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(g
 
 
 class ReplayStream:
-    """Old-distribution sequences, one batch at a time: from a sampled corpus (cycled in a seeded
-    random order) or from a real dataset's training split."""
+    """Old-distribution sequences, one batch at a time: from a sampled corpus (taken in a seeded
+    random order) or from a real dataset's training split (windows at random offsets).
 
-    def __init__(self, source, model_config, ckpt, rng):
-        self.rng = rng
+    The study never shows the model the same self-generated sequence twice. When a corpus sampled
+    from the model being finetuned runs out, the stream samples another of the same size and
+    settings from the frozen teacher (the same distribution: the teacher is that model), as the
+    study resamples its replay buffer. `passes` counts how often the most-used replay sequence has
+    been seen (for real data: tokens drawn / tokens in the split); it is logged as replay_passes."""
+
+    def __init__(self, source, model_config, ckpt, rng, batch_size, block_size, max_steps, reuse, teacher=None,
+                 device="cpu"):
+        self.rng, self.epoch, self.drawn, self.reuse, self.chunk, self.sample_seconds = rng, 0, 0, reuse, 0, 0.0
+        needed = max_steps * batch_size
         if source.startswith("data:"):
             self.dataset = Dataset(source[len("data:"):])
             check_compatible(self.dataset.meta, model_config, self.dataset.dir, ckpt)
             self.description = f"real {self.dataset.name}"
+            train = self.dataset.splits["train"]  # toy rows, or a token stream cut into windows
+            self.capacity = len(train) if self.dataset.row_len else len(train) / block_size
+            if needed > self.capacity and not reuse:
+                raise UserError(f"replay_source={source}: {max_steps} steps x {batch_size} replay windows of "
+                                f"{block_size} tokens would pass over its training split {needed / self.capacity:.1f} "
+                                f"times: lower --replay_batch_size or --max_steps, or allow it with --replay_reuse=True")
             return
         self.dataset = None
-        self.tokens, meta = load_corpus(source)
+        self.tokens, self.meta = load_corpus(source)
+        meta = self.meta
         self.description = f"corpus {source} ({len(self.tokens):,} sequences)"
         if meta.get("vocab_size") != model_config["vocab_size"]:
             raise UserError(f"replay corpus {source} has vocab_size {meta.get('vocab_size')} but the checkpoint has "
@@ -99,25 +121,66 @@ class ReplayStream:
         if self.tokens.size(1) > model_config["block_size"]:
             raise UserError(f"replay corpus {source} has sequences of {self.tokens.size(1)} tokens, more than the "
                             f"checkpoint's block_size {model_config['block_size']}: re-sample it from this checkpoint")
-        self.order, self.position = rng.permutation(len(self.tokens)), 0
+        self.capacity = len(self.tokens)
+        # more can be sampled only from the model the corpus came from, which is the frozen teacher
+        from_teacher = meta.get("source_checkpoint") == os.path.abspath(init_from) and "prompts" in meta
+        self.teacher, self.device = (teacher, device) if from_teacher else (None, device)
+        if needed > self.capacity and not reuse and self.teacher is None:
+            raise UserError(f"replay corpus {source} has {self.capacity:,} sequences, but {max_steps} steps x "
+                            f"{batch_size} need {needed:,} so that none is used twice, and it was not sampled from "
+                            f"{init_from}, so no more can be drawn: sample {needed} (sample_replay.py "
+                            f"--num_samples={needed}) or allow reuse with --replay_reuse=True")
+        self.order, self.position = rng.permutation(self.capacity), 0
+
+    @property
+    def passes(self):
+        if self.dataset is not None:
+            return round(self.drawn / self.capacity, 3)
+        return self.epoch + (self.position > 0 or self.chunk > 0)
+
+    def sample_more(self):
+        """Another corpus' worth of fresh sequences from the teacher, with the corpus' own prompts,
+        length and temperature; a seed of its own for every chunk, so a resumed run gets the same."""
+        from sample_replay import sample_corpus
+        started = time.time()
+        prompts = torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in self.meta["prompts"]])
+        fresh = sample_corpus(self.teacher, prompts, self.meta["length"], self.meta["temperature"],
+                              self.meta["top_k"], 1024, self.meta["seed"] + 7919 * self.chunk, self.device,
+                              progress=False).to(self.tokens.dtype)
+        self.sample_seconds += time.time() - started
+        return fresh
 
     def state(self):
         """Where the stream is, to resume it exactly."""
-        state = {"rng": json.dumps(self.rng.bit_generator.state)}
+        state = {"rng": json.dumps(self.rng.bit_generator.state), "epoch": self.epoch, "drawn": self.drawn,
+                 "chunk": self.chunk, "sample_seconds": self.sample_seconds}
         if self.dataset is None:
             state.update(order=torch.from_numpy(self.order), position=self.position)
+            if self.chunk:
+                state["tokens"] = self.tokens
         return state
 
     def load_state(self, state):
         self.rng.bit_generator.state = json.loads(state["rng"])
+        self.epoch, self.drawn, self.chunk = state["epoch"], state["drawn"], state["chunk"]
+        self.sample_seconds = state["sample_seconds"]
         if self.dataset is None:
             self.order, self.position = state["order"].numpy(), state["position"]
+            if self.chunk:
+                self.tokens = state["tokens"]
 
     def next(self, batch_size, block_size):
+        self.drawn += batch_size
         if self.dataset is not None:
             return self.dataset.sample("train", batch_size, block_size, self.rng)
         if self.position + batch_size > len(self.order):
-            self.order, self.position = self.rng.permutation(len(self.tokens)), 0
+            if self.reuse:  # another pass over the same sequences
+                self.order, self.position, self.epoch = self.rng.permutation(len(self.tokens)), 0, self.epoch + 1
+            else:           # the unused rest, then fresh samples
+                self.chunk += 1
+                rest = self.tokens[torch.from_numpy(self.order[self.position:])]
+                self.tokens = torch.cat([rest, self.sample_more()])
+                self.order, self.position = self.rng.permutation(len(self.tokens)), 0
         idx = self.order[self.position:self.position + batch_size]
         self.position += batch_size
         return self.tokens[torch.from_numpy(idx)]
@@ -232,18 +295,22 @@ def main():
     # replay draws from its own random stream, so adding replay (even with coeff 0) leaves the
     # sequence of new-data batches unchanged: runs differ only by the regulariser
     replay_rng = np.random.default_rng(seed + 1)
-    replay_stream = ReplayStream(replay_source, model_config, ckpt, replay_rng) if replay != "none" else None
     n_mix = int(round(mix_fraction * batch_size))
     n_replay = replay_batch_size or batch_size
+    replay_stream = (ReplayStream(replay_source, model_config, ckpt, replay_rng, n_replay, T, max_steps, replay_reuse,
+                                  teacher, dev) if replay != "none" else None)
     if is_main:
         print(f"finetune {init_from} on {dataset}: {max_steps} steps, batch {batch_size}, lr {learning_rate}; "
               f"replay {replay}" + (f" x{replay_coeff} from {replay_stream.description}" if replay_stream else "")
               + (f"; LwF x{lwf_coeff}" if lwf_coeff else "") + (f"; {n_mix} rows of {mix_dataset}" if mix else "")
-              + (f"; LoRA rank {lora_rank}" if lora_rank else "")
+              + (f"; LoRA rank {lora_rank}" + (" + embeddings" if lora_embeddings else "") if lora_rank else "")
               + (f"; {world_size} processes" if world_size > 1 else ""))
 
     if lora_rank:
         add_lora(student, lora_rank, lora_alpha or float(lora_rank))
+        if lora_embeddings:
+            student.embed.requires_grad_(True)
+            student.unembed.requires_grad_(True)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
 
@@ -280,7 +347,9 @@ def main():
     def evaluate(step, losses, t0):
         student.eval()
         record = {"step": step, "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
-                  **losses}
+                  "replay_passes": replay_stream.passes if replay_stream else 0, **losses}
+        if replay_stream and replay_stream.dataset is None:
+            record["replay_sample_seconds"] = round(replay_stream.sample_seconds, 2)  # fresh replay drawn here
         for name, d in tracked.items():
             if eval_kl:
                 record[f"val_loss/{d.short_name}"], record[f"val_kl/{d.short_name}"] = eval_loss_and_kl(
@@ -294,23 +363,33 @@ def main():
         append_jsonl(log_path, record)
         return record
 
-    def checkpoint(step, finished, stop_reason):
+    def checkpoint(step, finished, stop_reason, cooldown_from=None):
         data = {**data_meta, dataset: new_data.meta}
         train_state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(rng),
-                       "replay": replay_stream.state() if replay_stream else None}
+                       "replay": replay_stream.state() if replay_stream else None, "cooldown_from": cooldown_from}
+        # replay_passes: the most any replay sequence was seen, in this run or the runs it continues
+        passes = max(replay_stream.passes if replay_stream else 0, ckpt.get("replay_passes", 0))
         save_checkpoint(ckpt_path, student, state_dict=plain_state_dict(student), data=data, config=run_config,
                         step=step, finished=finished, stop_reason=stop_reason, parent=os.path.abspath(init_from),
+                        replay_passes=passes,
                         train_state=train_state, **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
 
     t0 = time.time()
     if is_main and start_step == 0:
         evaluate(0, {}, t0)
-    stop_reason = "target not reached" if target_val_loss else "max_steps"
+    stop_reason = "target not reached" if target_val_loss or target_accuracy else "max_steps"
+    last_step = cooldown_from = max_steps  # a reached target moves both earlier
+    if start_step and state["train_state"].get("cooldown_from") is not None:
+        cooldown_from, stop_reason = state["train_state"]["cooldown_from"], state["stop_reason"]
+        last_step = cooldown_from + cooldown_steps
     pbar = tqdm(range(start_step, max_steps), desc="finetune", dynamic_ncols=True, disable=not is_main)
     for step in pbar:
+        if step == last_step:
+            break
         step_started = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_steps, learning_rate, warmup_steps, schedule)
+            group["lr"] = (lr_at(step, max_steps, learning_rate, warmup_steps, schedule) if step < cooldown_from
+                           else learning_rate * (last_step - step) / (cooldown_steps + 1))
         # every rank draws the same global batches and keeps its own slice
         x_new = new_data.sample("train", batch_size - n_mix, T, rng)
         if mix is not None and n_mix:
@@ -328,18 +407,25 @@ def main():
         train_seconds += time.time() - step_started
         pbar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
 
-        if (step + 1) % eval_interval == 0 or step + 1 == max_steps:
-            reached = False
+        if (step + 1) % eval_interval == 0 or step + 1 == last_step:
+            stop = False
             if is_main:
                 record = evaluate(step + 1, parts, t0)
                 check_finite(record, ckpt_path, "lower --learning_rate or --replay_coeff")
                 tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
-                reached = bool(target_val_loss) and record[f"val_loss/{new_data.short_name}"] <= target_val_loss
-                if reached:
-                    tqdm.write(f"target validation loss {target_val_loss} on {dataset} reached")
-                    stop_reason = "target_val_loss"
-                checkpoint(step + 1, reached or step + 1 == max_steps, stop_reason)
-            if from_rank0(reached, world_size):
+                reached_loss = bool(target_val_loss) and record[f"val_loss/{new_data.short_name}"] <= target_val_loss
+                reached_accuracy = bool(target_accuracy) and record.get(f"accuracy/{new_data.short_name}", 0) >= target_accuracy
+                if (reached_loss or reached_accuracy) and step + 1 < cooldown_from:
+                    stop_reason = "target_val_loss" if reached_loss else "target_accuracy"
+                    tqdm.write(f"{stop_reason} on {dataset} reached" + (f"; {cooldown_steps} steps of cooldown"
+                                                                         if cooldown_steps else ""))
+                    cooldown_from, last_step = step + 1, min(max_steps, step + 1 + cooldown_steps)
+                stop = step + 1 >= last_step
+                checkpoint(step + 1, stop, stop_reason, cooldown_from if cooldown_from < max_steps else None)
+            if cooldown_steps:  # every rank follows rank 0's schedule
+                cooldown_from = from_rank0(cooldown_from, world_size)
+                last_step = min(max_steps, cooldown_from + cooldown_steps) if cooldown_from < max_steps else max_steps
+            if from_rank0(stop, world_size):
                 break
     pbar.close()
     if is_main:

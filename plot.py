@@ -198,46 +198,72 @@ def sweep_mixture_figure(result):
 
 
 def sweep_lr_figure(result):
-    rows = result["runs_table"]
-    finetune_lrs = sorted({r["finetune_lr"] for r in rows})
+    """Left: forgetting vs pretraining LR (mean over seeds, bars = min..max), with and without KL
+    replay; right: the English loss each pretraining LR ends at, the starting point of finetuning."""
+    summary = result["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, c, title in ((axes[0], 0.0, "plain finetuning"), (axes[1], 1.0, "KL self-replay, coeff 1")):
-        for i, plr in enumerate(sorted({r["pretrain_lr"] for r in rows})):
-            sel = sorted((r for r in rows if r["pretrain_lr"] == plr and r["kl_coeff"] == c),
-                         key=lambda r: r["finetune_lr"])
-            ax.plot([r["finetune_lr"] for r in sel], [r["en_after"] for r in sel], marker="o", color=f"C{i}",
-                    label=f"pretrain LR {plr:g} (English {sel[0]['en_before']:.3f} before)")
-            for r in sel:
-                if not r["reached"]:
-                    mark_capped(ax, r["finetune_lr"], r["en_after"], f"C{i}")
+    for i, (flr, c) in enumerate(sorted({(g["finetune_lr"], g["kl_coeff"]) for g in summary})):
+        sel = sorted((g for g in summary if g["finetune_lr"] == flr and g["kl_coeff"] == c),
+                     key=lambda g: g["pretrain_lr"])
+        x = [g["pretrain_lr"] for g in sel]
+        y = [g["forgetting"] for g in sel]
+        err = [[g["forgetting"] - g["forgetting_min"] for g in sel], [g["forgetting_max"] - g["forgetting"] for g in sel]]
+        label = f"finetune LR {flr:g}, " + ("KL self-replay x1" if c else "plain")
+        axes[0].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=label)
+        for g in sel:
+            if not g["all_reached"]:
+                mark_capped(axes[0], g["pretrain_lr"], g["forgetting"], f"C{i}")
+    plrs = sorted({g["pretrain_lr"] for g in summary})
+    before = {plr: next(g["en_before"] for g in summary if g["pretrain_lr"] == plr) for plr in plrs}
+    axes[1].plot(plrs, [before[p] for p in plrs], marker="o", color="k")
+    for ax in axes:
         ax.set_xscale("log")
         ax.minorticks_off()
-        ax.set_xticks(finetune_lrs, [f"{lr:g}" for lr in finetune_lrs])
-        ax.set_xlabel("finetuning learning rate")
-        ax.set_title(title, fontsize=10)
+        ax.set_xticks(plrs, [f"{lr:g}" for lr in plrs])
+        ax.set_xlabel("pretraining learning rate")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("English loss after finetuning")
-    fig.suptitle(f"Pretraining and finetuning learning rates, finetuned to Spanish loss {result['spanish_target']:.3f}",
+    axes[0].set_ylabel("English loss increase at the Spanish target")
+    axes[0].legend(fontsize=7)
+    axes[1].set_ylabel("English loss before finetuning (mean over seeds)")
+    fig.suptitle(f"Pretraining learning rate ({result['tokens_per_param']:g} tokens/param), finetuned to Spanish loss "
+                 f"{result['spanish_target']:.3f}; {len(result['runs_table']) // max(1, len(summary))} seeds",
                  fontsize=10)
     return fig
 
 
 def sweep_compute_figure(result):
-    fig, ax = plt.subplots(figsize=(6.5, 4.4))
-    for i, arm in enumerate(result["arms"]):
+    """Left: English loss vs cost (training + replay sampling seconds) of every arm, first seed;
+    right: per lower learning rate, how many times less time replay at the high LR needs to end at
+    the same English loss (median over seeds, bars = min..max; open marker = a lower bound)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    ax = axes[0]
+    for i, arm in enumerate(result["seeds"][0]["arms"]):
         seconds, english = zip(*arm["curve"])
-        style = "--" if arm["replay_fraction"] else "-"
-        ax.plot(seconds, english, style, color=f"C{i}", lw=1, alpha=0.6)
-        ax.plot([arm["train_seconds"]], [arm["en_after"]], marker="o", color=f"C{i}",
+        style = {"none": "-", "self": "--", "replace": ":"}[arm["variant"]]
+        ax.plot(seconds, english, style, color=f"C{i % 10}", lw=1, alpha=0.6)
+        ax.plot([arm["train_seconds"]], [arm["en_after"]], marker="o", color=f"C{i % 10}",
                 mfc=None if arm["reached"] else "white", label=arm["arm"])
-    s = result["summary"]
-    if s["time_ratio"]:
-        ax.set_title(f"{s['matched_arm']} matches {s['slow_arm']}'s English loss in {s['time_ratio']:.1f}x "
-                     f"less training time", fontsize=9)
     ax.set_xscale("log")
-    ax.set_xlabel("training seconds (2 CPU cores); dot = Spanish target reached")
+    ax.set_xlabel("seconds (2 CPU cores; replay arms include sampling); dot = Spanish target")
     ax.set_ylabel("English loss")
+    ax.set_title(f"seed {result['seeds'][0]['seed']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    for j, variant in enumerate(("self", "replace")):
+        rows = [r for r in result["summary"] if r["variant"] == variant and r["median"]]
+        x = [r["low_lr"] * (1.08 if j else 1 / 1.08) for r in rows]
+        ax.errorbar(x, [r["median"] for r in rows], capsize=3, marker="o", ls="none", color=f"C{j}",
+                    mfc="white" if any(r["at_least"] for r in rows) else None,
+                    yerr=[[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]],
+                    label={"self": "self-generated replay (KL)", "replace": "real rows replace part of the batch"}[variant])
+    if any(r["median"] for r in result["summary"]):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no replay run matched a lower learning rate", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("lower learning rate matched (no replay)")
+    ax.set_ylabel("time ratio: lower LR / high LR + replay")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig

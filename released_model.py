@@ -31,6 +31,7 @@ import sys
 import time
 
 from common import UserError, apply_overrides, load_checkpoint_dict, read_jsonl, run, write_json, atomic_write_text
+from evaluate import at_target
 
 profile = "cpu"
 out_root = "out/released"
@@ -79,21 +80,6 @@ def launch(script, args, name):
 def finished(out_dir):
     path = os.path.join(out_dir, "ckpt.pt")
     return os.path.exists(path) and bool(load_checkpoint_dict(path).get("finished"))
-
-
-def at_target(records, target):
-    """A run's metrics at exactly the Spanish target: linear interpolation (in Spanish loss) between
-    the last evaluation above the target and the first at or below it. A run that never got there
-    is read at its last evaluation, and says so."""
-    below = next((i for i, r in enumerate(records) if r["val_loss/es"] <= target), None)
-    if below is None:
-        return {**records[-1], "reached": False, "read": "last evaluation (target not reached)"}
-    if below == 0 or records[below]["val_loss/es"] == target:
-        return {**records[below], "reached": True, "read": "measured"}
-    a, b = records[below - 1], records[below]
-    w = (a["val_loss/es"] - target) / (a["val_loss/es"] - b["val_loss/es"])
-    mixed = {k: a[k] + w * (b[k] - a[k]) for k in a if isinstance(a[k], (int, float)) and isinstance(b.get(k), (int, float))}
-    return {**mixed, "reached": True, "read": f"interpolated between steps {a['step']} and {b['step']}"}
 
 
 def main():
@@ -165,11 +151,12 @@ def main():
                             "self_loss": reference["val_loss/heldout_self"]},
               "spanish_target": target, "methods": {}}
     for m in METHODS:
-        r = at_target(logs[m], target)
+        r, read = at_target(logs[m], "val_loss/es", target)  # read off the run's log at exactly the target
         result["methods"][m] = {"en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"], "en_kl": r["val_kl/en"],
                                 "self_kl": r["val_kl/heldout_self"], "steps": round(r["step"], 1),
                                 "seconds": round(timings.get(f"finetune_{m}", logs[m][-1]["seconds"]), 1),
-                                "train_seconds": round(r["train_seconds"], 1), "reached": r["reached"], "read": r["read"],
+                                "train_seconds": round(r["train_seconds"], 1), "reached": read != "not reached",
+                                "read": read, "replay_passes": logs[m][-1].get("replay_passes"),
                                 "en_forgetting": r["val_loss/en"] - reference["val_loss/en"]}
     standard = result["methods"]["standard"]["en_forgetting"]
     result["kl_self_forgetting_vs_standard"] = result["methods"]["kl_self"]["en_forgetting"] / standard
@@ -183,11 +170,12 @@ def main():
 
     lines = [f"Spanish target {target:.3f} (reference: English {reference['val_loss/en']:.3f}, "
              f"Spanish {reference['val_loss/es']:.3f})", "",
-             "| method | English loss | forgetting | English KL | self-generated KL | Spanish loss | steps | seconds | read |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | English loss | forgetting | English KL | self-generated KL | Spanish loss | steps | seconds | read "
+             "| replay passes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in result["methods"].items():
         lines.append(f"| {m} | {r['en_loss']:.3f} | {r['en_forgetting']:+.3f} | {r['en_kl']:.4f} | {r['self_kl']:.4f} | "
-                     f"{r['es_loss']:.3f} | {r['steps']:g} | {r['seconds']:.0f} | {r['read']} |")
+                     f"{r['es_loss']:.3f} | {r['steps']:g} | {r['seconds']:.0f} | {r['read']} | "
+                     f"{'' if r['replay_passes'] is None else r['replay_passes']} |")
     atomic_write_text("results/released_model.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     runs = ",".join(f"{m}={out_root}/{m}/log.jsonl" for m in METHODS)

@@ -57,7 +57,8 @@ def parse_prompts(spec, data_meta, bos=None):
     return [(n, t, s / total) for n, t, s in parsed]
 
 
-def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device, partial_path=None):
+def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device, partial_path=None,
+                  progress=True):
     """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
     seed. With partial_path, progress is saved after every batch (tokens so far + the generator's
     state), and an existing partial file is continued: a killed run loses at most one batch and
@@ -72,7 +73,7 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         generator.set_state(partial["generator"])
         print(f"resuming sampling after {len(partial['tokens']):,} sequences")
     done = len(out[0]) if out else 0
-    for i in tqdm(range(done, len(prompt_tokens), batch_size), desc="sampling", dynamic_ncols=True):
+    for i in tqdm(range(done, len(prompt_tokens), batch_size), desc="sampling", dynamic_ncols=True, disable=not progress):
         idx = prompt_tokens[i:i + batch_size, None].to(device)
         out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
                                   generator=generator, compile_step=compile).cpu())
@@ -123,6 +124,7 @@ def main():
         "vocab_size": model.config.vocab_size,
         "tokenizer": tokenizers.pop() if len(tokenizers) == 1 else None,
         "seed": seed,
+        "seconds": round(seconds, 2),  # sampling time: part of the cost of self-generated replay
     }
     if any(m.get("kind") == "arithmetic" for m in data_meta.values()):
         # toy tasks can be checked: how many samples are real task strings with right answers?

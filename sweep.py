@@ -8,6 +8,7 @@ Every point is a plain call of pretrain.py / sample_replay.py / finetune.py with
     python sweep.py --study=mixture    # English/Spanish mixture frontier, Chinchilla vs over-trained
     python sweep.py --study=lr         # pretraining LR x finetuning LR, with and without KL replay
     python sweep.py --study=compute    # lower LR vs high LR + growing replay fraction: time to match
+    python sweep.py --study=toy_orders # the toy continual demo in other task orders and seeds
     python sweep.py --study=all
 
 Each run lives in its own folder under out/sweeps/, named by its settings, so studies share the
@@ -34,7 +35,8 @@ import subprocess
 import sys
 import time
 
-from common import UserError, apply_overrides, atomic_write_text, load_checkpoint_dict, read_jsonl, run
+from common import UserError, apply_overrides, atomic_write_text, load_checkpoint_dict, load_corpus, read_jsonl, run
+from evaluate import at_target
 
 study = "all"                   # size, tpp, mixture, lr, compute or all
 out_root = "out/sweeps"
@@ -53,24 +55,27 @@ pretrain_lr = 3e-3
 finetune_lr = 1e-3
 reference_steps = 300           # plain finetuning steps that set a study's Spanish target
 cap_factor = 4                  # other runs may take up to cap_factor x reference_steps to reach it
-replay_samples = 1024           # self-generated English sequences per model
 eval_sequences = 256
 widths = "32,48,64,96"          # size study
 coeffs = "0,1,3,10"             # KL replay coefficients (0 = plain finetuning)
 tpps = "10,30,100,500,1000"     # tpp study
 chinchilla_tpp = 20.0           # mixture study: the compute-optimal length...
 es_shares = "0,0.25,0.5,0.75,1"  # ... and the Spanish shares of the pretraining mixtures
-pretrain_lrs = "1e-3,3e-3,1e-2"  # lr study
-finetune_lrs = "3e-4,1e-3,3e-3"
+pretrain_lrs = "3e-4,1e-3,3e-3,1e-2,3e-2"  # lr study: pretraining learning rates...
+finetune_lrs = "1e-3"           # ... finetuning learning rates (with and without KL replay) ...
+lr_tpp = 100.0                  # ... pretraining length (shorter than base_tpp: 15 models to train) ...
+seeds = "1,2,3"                 # ... and seeds (lr study: pretraining and finetuning; compute: finetuning)
 high_lr = 3e-3                  # compute study: the fast learning rate...
-low_lrs = "1e-3,3e-4,1e-4,3e-5"  # ... the slower ones that forget less...
-replay_fractions = "0.25,0.5,0.75"  # ... and the share of each batch that is replay at high_lr
+low_lrs = "1e-3,3e-4,1e-4"      # ... the slower ones that forget less...
+replay_fractions = "0.0625,0.125,0.25,0.5"  # ... and the share of each batch that is replay at high_lr
 compute_reference_steps = 100   # plain steps at high_lr that set the compute study's target
-compute_cap_steps = 8000        # enough for the lowest learning rate to get there
+compute_cap_steps = 4000        # enough for the lowest learning rate to get there
+toy_orders = "add reversal sort modadd;reversal sort add modadd;sort modadd reversal add"  # toy_orders study:
+toy_seeds = "1,2"               # every order x seed is one run of toy_continual.sh (its default settings)
 
 GPU_PROFILE = {  # the paper's text model scale, for one GPU (untested here); --key=value still wins
     "data_name": "bible", "depth": 6, "head_dim": 64, "block_size": 256, "batch_size": 256, "base_width": 128,
-    "widths": "64,128,256,512", "replay_samples": 8192, "eval_sequences": 1024}
+    "widths": "64,128,256,512", "eval_sequences": 1024}
 
 EN, ES = "bible512/en", "bible512/es"   # set from data_name in main()
 timings = {}   # run folder -> seconds, kept in out_root/timings.json across invocations
@@ -79,6 +84,10 @@ used = []      # the runs the current study relied on (run now or earlier), for 
 
 def floats(text):
     return [float(x) for x in text.split(",") if x]
+
+
+def ints(text):
+    return [int(x) for x in text.split(",") if x]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,11 +132,13 @@ def model_args(width):
     return {"width": width, "depth": depth, "head_dim": head_dim, "block_size": block_size}
 
 
-def pretrain(width=None, tpp=None, es_share=0.0, lr=None, target_loss=0.0):
+def pretrain(width=None, tpp=None, es_share=0.0, lr=None, target_loss=0.0, seed=None):
     """An English (or English/Spanish mixture) model, cosine LR over `tpp` tokens per parameter;
     with target_loss it stops as soon as its English validation loss gets there."""
     width, tpp, lr = width or base_width, tpp or base_tpp, lr or pretrain_lr
-    name = f"w{width}_tpp{tpp:g}_es{es_share:g}_lr{lr:g}" + (f"_to{target_loss:.4f}" if target_loss else "")
+    name = (f"w{width}_tpp{tpp:g}_es{es_share:g}_lr{lr:g}" + (f"_to{target_loss:.4f}" if target_loss else "")
+            + (f"_s{seed}" if seed else ""))
+    seed_arg = {"seed": seed} if seed else {}
     if es_share == 0:
         mix = {"datasets": EN, "eval_datasets": ES}
     elif es_share == 1:
@@ -138,34 +149,41 @@ def pretrain(width=None, tpp=None, es_share=0.0, lr=None, target_loss=0.0):
     return train("pretrain.py", f"{out_root}/pretrain/{name}", **mix, **model_args(width), batch_size=batch_size,
                  tokens_per_param=tpp, max_steps=0, learning_rate=lr, schedule="cosine",
                  warmup_steps=min(100, steps // 10), target_val_loss=target_loss,
-                 eval_interval=50 if target_loss else max(50, steps // 20), eval_sequences=eval_sequences)
+                 eval_interval=50 if target_loss else max(50, steps // 20), eval_sequences=eval_sequences,
+                 **seed_arg)
 
 
-def replay_corpus(model_dir):
-    path = os.path.join(model_dir, "replay_en.pt")
+def replay_corpus(model_dir, count):
+    """The model's own English samples, `count` of them: enough that a run never sees one twice."""
+    path = os.path.join(model_dir, f"replay_en_{count}.pt")
     used.append(path)
     if not os.path.exists(path):
-        args = {"init_from": f"{model_dir}/ckpt.pt", "prompts": EN, "num_samples": replay_samples,
+        args = {"init_from": f"{model_dir}/ckpt.pt", "prompts": EN, "num_samples": count,
                 "batch_size": 512, "out": path, "resume": True}  # resume: continue a killed run's .partial
         launch("sample_replay.py", path, args, fresh=not os.path.exists(path + ".partial"))
     return path
 
 
 def finetune(model_dir, name, target=0.0, max_steps=None, lr=None, coeff=0.0, replay_fraction=0.0,
-             eval_interval=25):
+             replace_fraction=0.0, eval_interval=25, seed=None, corpus_size=0):
     """Finetune on Spanish; with coeff > 0, KL(pretrained || model) on the model's own English samples.
     replay_fraction f splits each batch of batch_size sequences into (1 - f) Spanish and f replay,
-    and weighs the KL by the ratio of the two, so the loss is the mean over all sequences."""
+    and weighs the KL by the ratio of the two, so the loss is the mean over all sequences.
+    replace_fraction f instead replaces f of each batch by real English rows (the study's variant)."""
+    max_steps = max_steps or cap_factor * reference_steps
     args = {"init_from": f"{model_dir}/ckpt.pt", "dataset": ES, "learning_rate": lr or finetune_lr,
-            "batch_size": batch_size, "max_steps": max_steps or cap_factor * reference_steps,
-            "target_val_loss": target, "eval_interval": eval_interval, "eval_sequences": eval_sequences}
+            "batch_size": batch_size, "max_steps": max_steps, "target_val_loss": target,
+            "eval_interval": eval_interval, "eval_sequences": eval_sequences, **({"seed": seed} if seed else {})}
+    n_replay = batch_size
     if replay_fraction:
         n_replay = round(replay_fraction * batch_size)
         args.update(batch_size=batch_size - n_replay, replay_batch_size=n_replay)
         coeff = n_replay / (batch_size - n_replay)
+    if replace_fraction:
+        args.update(mix_dataset=EN, mix_fraction=replace_fraction)
     if coeff:
-        args.update(replay="kl", replay_coeff=coeff, replay_source=replay_corpus(model_dir))
-    return train("finetune.py", f"{model_dir}/ft/{name}", **args)
+        args.update(replay="kl", replay_coeff=coeff, replay_source=replay_corpus(model_dir, corpus_size or max_steps * n_replay))
+    return train("finetune.py", f"{model_dir}/ft/{name}" + (f"_s{seed}" if seed else ""), **args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,12 +198,14 @@ def final_loss(model_dir, name="en"):
 
 
 def outcome(run_dir, target):
-    """Where a finetuning run ended: English loss before and after, Spanish loss, cost."""
+    """A finetuning run at exactly the Spanish target (interpolated between the two evaluations
+    around it, as evaluate.py --logs): English loss before and after, cost, replay passes."""
     records = log(run_dir)
-    first, last = records[0], records[-1]
-    return {"steps": last["step"], "train_seconds": last["train_seconds"],
-            "en_before": first["val_loss/en"], "en_after": last["val_loss/en"], "es_after": last["val_loss/es"],
-            "forgetting": last["val_loss/en"] - first["val_loss/en"], "reached": last["val_loss/es"] <= target}
+    at, how = at_target(records, "val_loss/es", target)
+    return {"steps": round(at["step"], 1), "train_seconds": round(at["train_seconds"], 3),
+            "en_before": records[0]["val_loss/en"], "en_after": at["val_loss/en"], "es_after": at["val_loss/es"],
+            "forgetting": at["val_loss/en"] - records[0]["val_loss/en"], "reached": how != "not reached",
+            "how": how, "replay_passes": records[-1]["replay_passes"]}
 
 
 def spanish_target(model_dir, steps=None, lr=None):
@@ -260,51 +280,168 @@ def mixture_study():
 
 
 def lr_study():
-    models = {lr: pretrain(lr=lr) for lr in floats(pretrain_lrs)}
-    target = spanish_target(models[pretrain_lr])
+    """Every pretraining LR x seed: a model pretrained for lr_tpp tokens per parameter, finetuned to
+    one Spanish target (set by the pretrain_lr model of the first seed) at every finetuning LR,
+    with and without KL replay."""
+    models = {(lr, seed): pretrain(tpp=lr_tpp, lr=lr, seed=seed) for lr in floats(pretrain_lrs) for seed in ints(seeds)}
+    target = spanish_target(models[(pretrain_lr, ints(seeds)[0])])
     rows = []
-    for plr, model_dir in sorted(models.items()):
+    for (plr, seed), model_dir in sorted(models.items()):
         for flr in floats(finetune_lrs):
             for c in (0.0, 1.0):
                 # a lower finetuning LR needs proportionally more steps to reach the target
                 cap = math.ceil(cap_factor * reference_steps * max(1.0, finetune_lr / flr))
                 ft = finetune(model_dir, f"lr{flr:g}_kl{c:g}_to{target:.4f}", target=target, lr=flr, coeff=c,
                               max_steps=cap)
-                rows.append({"pretrain_lr": plr, "finetune_lr": flr, "kl_coeff": c,
+                rows.append({"pretrain_lr": plr, "seed": seed, "finetune_lr": flr, "kl_coeff": c,
                              "pretrain_en_loss": final_loss(model_dir), **outcome(ft, target)})
-    save("lr", {"study": "lr", "spanish_target": target, "runs_table": rows})
+    save("lr", {"study": "lr", "spanish_target": target, "tokens_per_param": lr_tpp, "runs_table": rows,
+                "summary": lr_summary(rows)})
+
+
+def lr_summary(rows):
+    """Per pretraining LR, finetuning LR and coefficient: English loss before, forgetting (mean and
+    range over seeds)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["pretrain_lr"], r["finetune_lr"], r["kl_coeff"]), []).append(r)
+    return [{"pretrain_lr": plr, "finetune_lr": flr, "kl_coeff": c, "seeds": len(g),
+             "en_before": sum(r["en_before"] for r in g) / len(g),
+             "forgetting": sum(r["forgetting"] for r in g) / len(g),
+             "forgetting_min": min(r["forgetting"] for r in g), "forgetting_max": max(r["forgetting"] for r in g),
+             "all_reached": all(r["reached"] for r in g)} for (plr, flr, c), g in sorted(groups.items())]
 
 
 def compute_study():
+    """Lower learning rates against the high one plus replay, every arm finetuned to one Spanish
+    target; per finetuning seed, how much less time replay needs for the same English loss."""
     base = pretrain()
     target = spanish_target(base, steps=compute_reference_steps, lr=high_lr)
-    arms = []
-    for lr in [high_lr] + floats(low_lrs):
-        ft = finetune(base, f"lr{lr:g}_to{target:.4f}", target=target, lr=lr, max_steps=compute_cap_steps,
-                      eval_interval=10)
-        arms.append({"arm": f"lr {lr:g}", "learning_rate": lr, "replay_fraction": 0.0, **outcome(ft, target),
-                     "curve": [(r["train_seconds"], r["val_loss/en"]) for r in log(ft)]})
-    for f in floats(replay_fractions):
-        ft = finetune(base, f"lr{high_lr:g}_replay{f:g}_to{target:.4f}", target=target, lr=high_lr,
-                      replay_fraction=f, max_steps=compute_cap_steps, eval_interval=10)
-        arms.append({"arm": f"lr {high_lr:g} + replay {f:g}", "learning_rate": high_lr, "replay_fraction": f,
-                     **outcome(ft, target), "curve": [(r["train_seconds"], r["val_loss/en"]) for r in log(ft)]})
-    save("compute", {"study": "compute", "spanish_target": target, "arms": arms, "summary": match_old_loss(arms)})
+    replay_cap = 10 * compute_reference_steps  # replay arms at high_lr get there in a few hundred steps
+    corpus_size = replay_cap * round(max(floats(replay_fractions)) * batch_size)  # one corpus for every fraction
+    corpus = replay_corpus(base, corpus_size)
+    _, corpus_meta = load_corpus(corpus)
+    sample_seconds_per_sequence = corpus_meta["seconds"] / corpus_meta["count"]
+    per_seed = []
+    for seed in ints(seeds):
+        arms = []
+        for lr in [high_lr] + floats(low_lrs):
+            ft = finetune(base, f"lr{lr:g}_to{target:.4f}", target=target, lr=lr, max_steps=compute_cap_steps,
+                          eval_interval=10, seed=seed)
+            arms.append({"arm": f"lr {lr:g}", "variant": "none", "learning_rate": lr, "replay_fraction": 0.0,
+                         **outcome(ft, target), "curve": curve(ft)})
+        for f in floats(replay_fractions):
+            n_replay = round(f * batch_size)
+            ft = finetune(base, f"lr{high_lr:g}_self{f:g}_to{target:.4f}", target=target, lr=high_lr,
+                          replay_fraction=f, max_steps=replay_cap, eval_interval=10, seed=seed,
+                          corpus_size=corpus_size)
+            result = outcome(ft, target)
+            # self-generated replay costs its sampling too: the share of the corpus this run consumed
+            result["sample_seconds"] = round(result["steps"] * n_replay * sample_seconds_per_sequence, 3)
+            result["train_seconds"] += result["sample_seconds"]
+            arms.append({"arm": f"lr {high_lr:g} + self-generated {f:g}", "variant": "self", "learning_rate": high_lr,
+                         "replay_fraction": f, **result, "curve": curve(ft)})
+            ft = finetune(base, f"lr{high_lr:g}_replace{f:g}_to{target:.4f}", target=target, lr=high_lr,
+                          replace_fraction=f, max_steps=replay_cap, eval_interval=10, seed=seed)
+            arms.append({"arm": f"lr {high_lr:g} + real rows {f:g}", "variant": "replace", "learning_rate": high_lr,
+                         "replay_fraction": f, **outcome(ft, target), "curve": curve(ft)})
+        per_seed.append({"seed": seed, "arms": arms, "matches": match_old_loss(arms)})
+    save("compute", {"study": "compute", "spanish_target": target, "sample_seconds_per_sequence":
+                     sample_seconds_per_sequence, "seeds": per_seed, "summary": compute_summary(per_seed)})
+
+
+def curve(run_dir):
+    return [(r["train_seconds"], r["val_loss/en"]) for r in log(run_dir)]
 
 
 def match_old_loss(arms):
-    """The slowest learning rate without replay sets the English loss to match; the replay run that
-    reaches the Spanish target with English loss at least as low in the least training time gives
-    the compute ratio (None when no replay run matches)."""
-    slow = min((a for a in arms if not a["replay_fraction"]), key=lambda a: a["learning_rate"])
-    matched = [a for a in arms if a["replay_fraction"] and a["reached"] and a["en_after"] <= slow["en_after"]]
-    fastest = min(matched, key=lambda a: a["train_seconds"]) if matched else None
-    return {"slow_arm": slow["arm"], "slow_reached": slow["reached"], "matched_arm": fastest and fastest["arm"],
-            "time_ratio": fastest and slow["train_seconds"] / fastest["train_seconds"],
-            "step_ratio": fastest and slow["steps"] / fastest["steps"]}
+    """For every lower learning rate: the English loss it ends at (at the Spanish target) and the
+    time it took; and for each replay variant at high_lr, the time to end at that same English loss,
+    interpolated between the two replay fractions around it. When even the smallest fraction ends
+    lower, its time is an upper bound, and the ratio a lower bound ("at_least")."""
+    matches = []
+    for low in [a for a in arms if a["variant"] == "none" and a["learning_rate"] < high_lr and a["reached"]]:
+        goal, row = low["en_after"], {"low_lr": low["learning_rate"], "en_after": low["en_after"],
+                                       "seconds": low["train_seconds"]}
+        for variant in ("self", "replace"):
+            points = sorted(((a["replay_fraction"], a["en_after"], a["train_seconds"]) for a in arms
+                             if a["variant"] == variant and a["reached"]))
+            seconds, at_least = None, False
+            for i, (_, english, t) in enumerate(points):
+                if english <= goal:
+                    if i == 0:
+                        seconds, at_least = t, True
+                    else:
+                        _, english0, t0 = points[i - 1]
+                        seconds = t0 + (english0 - goal) / (english0 - english) * (t - t0)
+                    break
+            row[variant] = {"seconds": seconds, "ratio": seconds and low["train_seconds"] / seconds,
+                            "at_least": at_least}
+        matches.append(row)
+    return matches
 
 
-STUDIES = {"size": size_study, "tpp": tpp_study, "mixture": mixture_study, "lr": lr_study, "compute": compute_study}
+def compute_summary(per_seed):
+    """The time ratio per lower learning rate and replay variant: every seed's, median, min, max."""
+    summary = []
+    for i, first in enumerate(per_seed[0]["matches"]):
+        for variant in ("self", "replace"):
+            ratios = [s["matches"][i][variant]["ratio"] for s in per_seed if i < len(s["matches"])]
+            known = sorted(r for r in ratios if r)
+            summary.append({"low_lr": first["low_lr"], "variant": variant, "ratios": ratios,
+                            "median": known[len(known) // 2] if known else None,
+                            "min": known[0] if known else None, "max": known[-1] if known else None,
+                            "at_least": any(s["matches"][i][variant]["at_least"] for s in per_seed)})
+    return summary
+
+
+def toy_orders_study():
+    """The toy continual demo in several task orders and seeds: after the last task, does replay keep
+    every task (>= 0.98 exact match) and does plain finetuning lose the earlier ones (mean <= 0.40)?"""
+    rows = []
+    for order in [o.split() for o in toy_orders.split(";") if o.strip()]:
+        for seed in ints(toy_seeds):
+            out_dir = f"{out_root}/toy/{'-'.join(order)}_s{seed}"
+            result_path = f"{out_dir}/result.json"
+            used.append(out_dir)
+            if not os.path.exists(result_path):
+                env = {**os.environ, "ORDER": " ".join(order), "SEED": str(seed), "OUT": out_dir,
+                       "RESULTS": f"{out_dir}/result"}
+                print(f"+ ORDER='{env['ORDER']}' SEED={seed} OUT={out_dir} bash toy_continual.sh", flush=True)
+                started = time.time()
+                if subprocess.run(["bash", "toy_continual.sh"], env=env).returncode != 0:
+                    raise UserError(f"toy_continual.sh failed for {out_dir}: fix the cause and run sweep.py again")
+                timings[out_dir] = time.time() - started
+                atomic_write_text(os.path.join(out_root, "timings.json"), json.dumps(timings, indent=1))
+            result = json.load(open(result_path))
+            replay, plain = result["arms"]["replay"], result["arms"]["no_replay"]
+            earlier = [plain[t] for t in order[:-1]]
+            rows.append({"order": order, "seed": seed, "replay": replay, "no_replay": plain,
+                         "replay_min": min(replay.values()), "no_replay_earlier_mean": sum(earlier) / len(earlier),
+                         "replay_passes": result["steps"]["replay"].get("replay_passes"),
+                         "seconds": result["seconds"]})
+    bars = {"replay_min": 0.98, "no_replay_earlier_mean": 0.40}
+    for r in rows:
+        r["meets_bars"] = r["replay_min"] >= bars["replay_min"] and r["no_replay_earlier_mean"] <= bars["no_replay_earlier_mean"]
+    lines = ["| order | seed | replay: accuracy per task (in order) | replay min | no replay: per task | "
+             "no replay, earlier tasks' mean | replay passes | seconds | bars met |", "|---" * 9 + "|"]
+    for r in rows:
+        fmt = lambda arm: " / ".join(f"{t} {r[arm][t]:.3f}" for t in r["order"])
+        lines.append(f"| {' > '.join(r['order'])} | {r['seed']} | {fmt('replay')} | {r['replay_min']:.3f} | "
+                     f"{fmt('no_replay')} | {r['no_replay_earlier_mean']:.3f} | {r['replay_passes']} | "
+                     f"{r['seconds']:.0f} | {'yes' if r['meets_bars'] else 'NO'} |")
+    atomic_write_text(os.path.join(results_dir, "toy_continual_orders.md"), "\n".join(lines) + "\n")
+    path = os.path.join(results_dir, "toy_continual_orders.json")
+    runs = sorted(set(used))
+    used.clear()
+    atomic_write_text(path, json.dumps({"study": "toy_orders", "bars": bars, "runs": rows,
+                                        "all_meet_bars": all(r["meets_bars"] for r in rows),
+                                        "seconds": round(sum(timings.get(r, 0.0) for r in runs), 1)}, indent=1))
+    print("\n".join(lines) + f"\nwrote {path}")
+
+
+STUDIES = {"size": size_study, "tpp": tpp_study, "mixture": mixture_study, "lr": lr_study, "compute": compute_study,
+           "toy_orders": toy_orders_study}
 
 
 def main():
@@ -313,7 +450,7 @@ def main():
         globals().update(GPU_PROFILE)
         apply_overrides(globals(), sys.argv[1:])
     EN, ES = f"{data_name}/en", f"{data_name}/es"
-    if not os.path.exists(os.path.join("data", EN, "meta.json")):
+    if study != "toy_orders" and not os.path.exists(os.path.join("data", EN, "meta.json")):
         raise UserError(f"data/{EN} not found: run python data/bible/prepare.py --vocab_size=512 --out={data_name}")
     if study != "all" and study not in STUDIES:
         raise UserError(f"--study={study!r} must be one of {', '.join(STUDIES)} or all")

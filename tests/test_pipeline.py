@@ -1,5 +1,6 @@
 """The pipeline scripts, run in-process on tiny models: checkpoints, replay corpora, the KL
 regulariser, evaluation, and the one-line errors for bad input."""
+import json
 import os
 
 import pytest
@@ -98,6 +99,30 @@ def test_finetune_with_coeff_zero_equals_plain_finetuning(tiny_checkpoint, toy_d
     assert not all(torch.equal(plain[k], kl1[k]) for k in plain)  # the term does something when on
 
 
+def test_replay_sequences_are_never_reused_unless_asked_and_passes_are_logged(tiny_checkpoint, toy_data, tmp_path):
+    corpus = str(tmp_path / "replay.pt")
+    run_script("sample_replay", init_from=tiny_checkpoint, out=corpus, num_samples=40, prompts=toy_data["sort"],
+               device="cpu")
+    args = dict(init_from=tiny_checkpoint, dataset=toy_data["add"], replay="kl", replay_source=corpus, **FT)
+    # 6 steps x 16 = 96 > 40: the frozen teacher samples more whenever the corpus runs out
+    run_script("finetune", out_dir=str(tmp_path / "fresh"), **args)
+    log = common.read_jsonl(tmp_path / "fresh" / "log.jsonl")
+    assert [r["replay_passes"] for r in log] == [0, 1, 1] and log[-1]["replay_sample_seconds"] > 0
+    # with reuse allowed the corpus is cycled instead, and the log says how often
+    run_script("finetune", out_dir=str(tmp_path / "reused"), replay_reuse=True, **args)
+    assert common.read_jsonl(tmp_path / "reused" / "log.jsonl")[-1]["replay_passes"] == 3
+    assert not torch.equal(weights(tmp_path / "fresh" / "ckpt.pt")["unembed.weight"],
+                           weights(tmp_path / "reused" / "ckpt.pt")["unembed.weight"])
+    # a corpus from another checkpoint cannot be topped up: too small is refused up front
+    other = tmp_path / "other.pt"
+    other.write_bytes(open(tiny_checkpoint, "rb").read())
+    with pytest.raises(UserError, match=r"replay\.pt has 40 sequences.*--num_samples=96"):
+        run_script("finetune", out_dir=str(tmp_path / "short"), **{**args, "init_from": str(other)})
+    assert not (tmp_path / "short").exists()
+    run_script("finetune", out_dir=str(tmp_path / "plain"), **{**args, "replay": "none"})  # plain runs log 0
+    assert common.read_jsonl(tmp_path / "plain" / "log.jsonl")[-1]["replay_passes"] == 0
+
+
 def test_teacher_gets_no_gradient_and_never_changes(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
     loaded = []
     real_load = common.load_checkpoint
@@ -148,6 +173,25 @@ def test_answer_accuracy_on_a_hand_checked_case(toy_data):
     rows = next(data.eval_batches("val", 10, None, 10))
     model = ScriptedModel(rows, data.meta["answer_start"])
     assert common.answer_accuracy(model, data, batch_size=10, max_sequences=10) == 0.5
+
+
+def test_methods_are_compared_at_exactly_the_target_loss_by_interpolation(tmp_path):
+    import evaluate
+    log = [{"step": 0, "val_loss/es": 9.0, "val_loss/en": 3.0}, {"step": 20, "val_loss/es": 5.0, "val_loss/en": 3.2},
+           {"step": 40, "val_loss/es": 4.0, "val_loss/en": 3.6}]
+    values, how = evaluate.at_target(log, "val_loss/es", 4.5)  # halfway between steps 20 and 40
+    assert how == "interpolated between steps 20 and 40" and values["step"] == 30 and values["val_loss/en"] == pytest.approx(3.4)
+    assert evaluate.at_target(log, "val_loss/es", 5.0) == (log[1], "exact")
+    assert evaluate.at_target(log, "val_loss/es", 3.0) == (log[2], "not reached")
+    for name, records in (("a", log), ("b", log[:2])):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    out = tmp_path / "cmp.json"
+    run_script("evaluate", logs=f"a={tmp_path / 'a.jsonl'},b={tmp_path / 'b.jsonl'}", match="val_loss/es=4.5",
+               out_json=str(out))
+    runs = json.load(open(out))["runs"]
+    assert runs["a"]["forgetting/en"] == pytest.approx(0.4) and runs["a"]["how"].startswith("interpolated")
+    assert runs["b"]["how"] == "not reached" and runs["b"]["best"] == 5.0
 
 
 def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_data, tmp_path):
@@ -212,3 +256,19 @@ def test_lora_finetune_leaves_embeddings_untouched(tiny_checkpoint, toy_data, tm
     assert torch.equal(before["embed.weight"], after["embed.weight"])
     assert torch.equal(before["unembed.weight"], after["unembed.weight"])
     assert not torch.equal(before["blocks.0.mlp.up.weight"], after["blocks.0.mlp.up.weight"])
+
+
+def test_lora_with_embeddings_also_trains_the_embeddings_in_full(tiny_checkpoint, toy_data, tmp_path):
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "lora"),
+               lora_rank=2, lora_embeddings=True, **FT)
+    before, after = weights(tiny_checkpoint), weights(tmp_path / "lora" / "ckpt.pt")
+    assert not torch.equal(before["embed.weight"], after["embed.weight"])
+    assert not torch.equal(before["unembed.weight"], after["unembed.weight"])
+
+
+def test_a_reached_target_starts_a_cooldown_and_the_run_stops_after_it(tiny_checkpoint, toy_data, tmp_path):
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"),
+               **{**FT, "max_steps": 20}, target_val_loss=100.0, cooldown_steps=4)  # reached at the first evaluation
+    assert [r["step"] for r in common.read_jsonl(tmp_path / "ft" / "log.jsonl")] == [0, 3, 6, 7]
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["stop_reason"] == "target_val_loss" and ckpt["step"] == 7

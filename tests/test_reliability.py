@@ -72,12 +72,15 @@ def test_pretrain_killed_and_resumed_ends_with_the_same_weights(toy_data, tmp_pa
     assert steps == sorted(set(steps)) and steps[-1] == 800  # no duplicated log lines after resuming
 
 
-def test_finetune_with_replay_corpus_killed_and_resumed_ends_with_the_same_weights(tiny_checkpoint, toy_data, tmp_path):
+@pytest.mark.parametrize("reuse", [True, False])  # cycled corpus, or fresh samples drawn mid-run
+def test_finetune_with_replay_corpus_killed_and_resumed_ends_with_the_same_weights(tiny_checkpoint, toy_data, tmp_path,
+                                                                                   reuse):
     corpus = str(tmp_path / "replay.pt")
     run_script("sample_replay", init_from=tiny_checkpoint, out=corpus, num_samples=100, prompts=toy_data["sort"],
                device="cpu")
     args = ["finetune.py", f"--init_from={tiny_checkpoint}", f"--dataset={toy_data['add']}", "--replay=kl",
-            f"--replay_source={corpus}", "--lora_rank=2", "--batch_size=16", "--max_steps=600", "--eval_interval=20",
+            f"--replay_source={corpus}", f"--replay_reuse={reuse}", "--lora_rank=2", "--batch_size=16", "--max_steps=600",
+            "--eval_interval=20",
             "--eval_sequences=16", "--device=cpu"]
     assert script(*args, f"--out_dir={tmp_path / 'straight'}").returncode == 0
     kill_after(args + [f"--out_dir={tmp_path / 'killed'}"], str(tmp_path / "killed" / "log.jsonl"), 200)

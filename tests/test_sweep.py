@@ -31,39 +31,43 @@ def two_languages(tmp_path_factory):
 def test_compute_study_end_to_end_then_nothing_left_to_run(two_languages, tmp_path):
     tiny = [f"--data_name={two_languages}", f"--out_root={tmp_path / 'out'}", f"--results_dir={tmp_path}",
             "--depth=1", "--head_dim=8", "--base_width=16", "--block_size=32", "--batch_size=8", "--base_tpp=2.0",
-            "--replay_samples=16", "--eval_sequences=8", "--compute_reference_steps=5", "--compute_cap_steps=20",
+            "--eval_sequences=8", "--compute_reference_steps=5", "--compute_cap_steps=20", "--seeds=1",
             "--low_lrs=1e-4", "--replay_fractions=0.5", "--study=compute"]
     first = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     launched = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
-    assert len(launched) == 6   # pretrain, reference, two learning rates, replay corpus, replay run
+    assert len(launched) == 7   # pretrain, reference, replay corpus, two learning rates, two replay runs
 
     result = json.load(open(tmp_path / "sweep_compute.json"))
-    assert [a["arm"] for a in result["arms"]] == ["lr 0.003", "lr 0.0001", "lr 0.003 + replay 0.5"]
-    high = result["arms"][0]
+    arms = result["seeds"][0]["arms"]
+    assert [a["arm"] for a in arms] == ["lr 0.003", "lr 0.0001", "lr 0.003 + self-generated 0.5",
+                                        "lr 0.003 + real rows 0.5"]
+    high = arms[0]
     assert high["reached"] and high["steps"] <= 10   # the reference run reached the target within 5 steps
-    assert not result["arms"][1]["reached"]          # 20 steps at 1e-4 cannot get there
-    assert result["runs"] == {"total": 6, "timed": 6} and result["seconds"] > 0
+    assert not arms[1]["reached"]                    # 20 steps at 1e-4 cannot get there
+    assert arms[2]["replay_passes"] == 1 and arms[2]["sample_seconds"] > 0  # fresh replay, its sampling counted
+    assert result["runs"] == {"total": 7, "timed": 7} and result["seconds"] > 0
     assert os.path.getsize(tmp_path / "sweep_compute.png") > 10_000
 
     again = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]
-    assert json.load(open(tmp_path / "sweep_compute.json"))["arms"] == result["arms"]
+    assert json.load(open(tmp_path / "sweep_compute.json"))["seeds"] == result["seeds"]
 
 
-def arm(name, lr, fraction, english, seconds, steps=100, reached=True):
-    return {"arm": name, "learning_rate": lr, "replay_fraction": fraction, "en_after": english,
-            "train_seconds": seconds, "steps": steps, "reached": reached}
+def arm(variant, lr, fraction, english, seconds, reached=True):
+    return {"variant": variant, "learning_rate": lr, "replay_fraction": fraction, "en_after": english,
+            "train_seconds": seconds, "reached": reached}
 
 
-def test_compute_ratio_is_against_the_slowest_lr_and_needs_a_matching_replay_run():
-    arms = [arm("fast", 3e-3, 0, 3.5, 5), arm("slow", 1e-4, 0, 3.0, 100, steps=3000),
-            arm("replay a little", 3e-3, 0.25, 3.1, 6),          # faster, but forgets more: no match
-            arm("replay more", 3e-3, 0.5, 2.95, 10, steps=200),  # matches: 10x less time
-            arm("replay most", 3e-3, 0.75, 2.9, 20),             # matches too, but slower
-            arm("never got there", 3e-3, 0.9, 2.8, 1, reached=False)]
-    summary = sweep.match_old_loss(arms)
-    assert summary["slow_arm"] == "slow" and summary["matched_arm"] == "replay more"
-    assert summary["time_ratio"] == pytest.approx(10.0) and summary["step_ratio"] == pytest.approx(15.0)
-    assert sweep.match_old_loss(arms[:3])["time_ratio"] is None
+def test_compute_ratio_is_the_time_replay_needs_for_the_low_lr_runs_english_loss():
+    arms = [arm("none", 3e-3, 0, 3.5, 5), arm("none", 1e-3, 0, 3.2, 40), arm("none", 1e-4, 0, 3.0, 100),
+            arm("self", 3e-3, 0.25, 3.1, 6), arm("self", 3e-3, 0.5, 2.9, 10),   # 3.0 halfway: 8 s
+            arm("replace", 3e-3, 0.25, 3.15, 4), arm("replace", 3e-3, 0.5, 3.05, 9, reached=False)]
+    slow, mid = sweep.match_old_loss(arms)[::-1]
+    assert slow["low_lr"] == 1e-4 and slow["self"]["seconds"] == pytest.approx(8.0)
+    assert slow["self"]["ratio"] == pytest.approx(12.5) and not slow["self"]["at_least"]
+    assert slow["replace"]["ratio"] is None          # no replace run that reached the target ends that low
+    # 1e-3 ends at 3.2: even the smallest fraction ends lower, so its time only bounds the ratio
+    assert mid["self"] == {"seconds": 6, "ratio": pytest.approx(40 / 6), "at_least": True}
+    assert mid["replace"]["ratio"] == pytest.approx(10.0) and mid["replace"]["at_least"]
