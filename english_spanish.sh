@@ -9,6 +9,7 @@
 #   kl_self    KL on self-generated English     kl_real    KL on real English
 #   ntp_self   NTP on self-generated English    ntp_real   NTP on real English
 #   lwf        KL to the pretrained model on the Spanish batches (Learning without Forgetting)
+#   ntp_self_reused  ntp_self from a small corpus cycled many times (to see what reuse does)
 # Results: results/method_comparison.{json,md}, results/method_comparison.png. Artifacts: out/en_es/.
 #
 #   bash english_spanish.sh                     # CPU-mini profile (~1 hour on 2 cores)
@@ -72,8 +73,13 @@ finetune kl_real  --replay=kl  --replay_coeff=$COEFF "${REAL[@]}" "${UNTIL[@]}"
 finetune ntp_self --replay=ntp --replay_coeff=$COEFF "${SELF[@]}" "${UNTIL[@]}"
 finetune ntp_real --replay=ntp --replay_coeff=$COEFF "${REAL[@]}" "${UNTIL[@]}"
 finetune lwf      --lwf_coeff=$COEFF "${UNTIL[@]}"
+# the same NTP self-replay with reuse: a corpus of REPLAY_BATCH x 64 sequences, cycled (the old protocol)
+[ -f $OUT/replay_en_small.pt ] || run python sample_replay.py --init_from=$OUT/pretrain_en/ckpt.pt \
+    --prompts=bible/en --num_samples=$((64 * REPLAY_BATCH)) --batch_size=512 --seed=7 --out=$OUT/replay_en_small.pt
+finetune ntp_self_reused --replay=ntp --replay_coeff=$COEFF --replay_source=$OUT/replay_en_small.pt \
+    --replay_batch_size=$REPLAY_BATCH --replay_reuse=True "${UNTIL[@]}"
 
-METHODS=(standard lora16 kl_self kl_real ntp_self ntp_real lwf)
+METHODS=(standard lora16 kl_self kl_real ntp_self ntp_real lwf ntp_self_reused)
 logs=$(for m in "${METHODS[@]}"; do printf "%s=%s/%s/log.jsonl," $m $OUT $m; done)
 run python evaluate.py --logs=${logs%,} --match=val_loss/es=$TARGET \
     --out_json=results/method_comparison.json --out_md=results/method_comparison.md

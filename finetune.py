@@ -395,6 +395,7 @@ def main():
         if mix is not None and n_mix:
             x_new = torch.cat([x_new, mix.sample("train", n_mix, T, rng)])
         x_new = shard(x_new, rank, world_size).to(dev)
+        sampled_before = replay_stream.sample_seconds if replay_stream else 0.0
         x_replay = shard(replay_stream.next(n_replay, T), rank, world_size).to(dev) if replay_stream else None
         with autocast:
             loss, parts = step_objective(x_new, x_replay)
@@ -404,7 +405,9 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         parts = {k: global_mean(v, world_size).item() for k, v in parts.items()}  # .item() waits for the step
-        train_seconds += time.time() - step_started
+        # replay sampled mid-run is logged on its own (replay_sample_seconds), not as training
+        train_seconds += time.time() - step_started - ((replay_stream.sample_seconds if replay_stream else 0.0)
+                                                        - sampled_before)
         pbar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
 
         if (step + 1) % eval_interval == 0 or step + 1 == last_step:

@@ -56,6 +56,7 @@ finetune_lr = 1e-3
 reference_steps = 300           # plain finetuning steps that set a study's Spanish target
 cap_factor = 4                  # other runs may take up to cap_factor x reference_steps to reach it
 eval_sequences = 256
+corpus_steps = 100              # each replay corpus holds this many steps' worth; runs sample more as they go
 widths = "32,48,64,96"          # size study
 coeffs = "0,1,3,10"             # KL replay coefficients (0 = plain finetuning)
 tpps = "10,30,100,500,1000"     # tpp study
@@ -67,10 +68,10 @@ lr_tpp = 100.0                  # ... pretraining length (shorter than base_tpp:
 seeds = "1,2,3"                 # ... and seeds (lr study: pretraining and finetuning; compute: finetuning)
 high_lr = 3e-3                  # compute study: the fast learning rate...
 low_lrs = "1e-3,3e-4,1e-4"      # ... the slower ones that forget less...
-replay_fractions = "0.0625,0.125,0.25,0.5"  # ... and the share of each batch that is replay at high_lr
+replay_fractions = "0.03125,0.0625,0.125,0.25,0.5"  # ... and the share of each batch given to replay at high_lr
 compute_reference_steps = 100   # plain steps at high_lr that set the compute study's target
 compute_cap_steps = 4000        # enough for the lowest learning rate to get there
-toy_orders = "add reversal sort modadd;reversal sort add modadd;sort modadd reversal add"  # toy_orders study:
+toy_orders = "reversal sort add modadd;add reversal sort modadd;sort modadd reversal add"  # toy_orders study:
 toy_seeds = "1,2"               # every order x seed is one run of toy_continual.sh (its default settings)
 
 GPU_PROFILE = {  # the paper's text model scale, for one GPU (untested here); --key=value still wins
@@ -154,7 +155,8 @@ def pretrain(width=None, tpp=None, es_share=0.0, lr=None, target_loss=0.0, seed=
 
 
 def replay_corpus(model_dir, count):
-    """The model's own English samples, `count` of them: enough that a run never sees one twice."""
+    """The model's own English samples, `count` of them; finetune.py samples more from the same
+    model when a run needs more, so no run sees one twice."""
     path = os.path.join(model_dir, f"replay_en_{count}.pt")
     used.append(path)
     if not os.path.exists(path):
@@ -182,7 +184,8 @@ def finetune(model_dir, name, target=0.0, max_steps=None, lr=None, coeff=0.0, re
     if replace_fraction:
         args.update(mix_dataset=EN, mix_fraction=replace_fraction)
     if coeff:
-        args.update(replay="kl", replay_coeff=coeff, replay_source=replay_corpus(model_dir, corpus_size or max_steps * n_replay))
+        args.update(replay="kl", replay_coeff=coeff,
+                    replay_source=replay_corpus(model_dir, corpus_size or corpus_steps * n_replay))
     return train("finetune.py", f"{model_dir}/ft/{name}" + (f"_s{seed}" if seed else ""), **args)
 
 
@@ -273,8 +276,8 @@ def mixture_study():
         trajectories = {}
         for name, c in (("plain", 0.0), ("kl_self", 1.0)):
             ft = finetune(english, f"trajectory_kl{c:g}", coeff=c, max_steps=cap_factor * reference_steps)
-            trajectories[name] = [{"step": r["step"], "en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"]}
-                                  for r in log(ft)]
+            trajectories[name] = [{"step": r["step"], "en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"],
+                                   "replay_passes": r["replay_passes"]} for r in log(ft)]
         result["lengths"][label] = {"tpp": tpp, "frontier": frontier, "finetune": trajectories}
     save("mixture", result)
 
@@ -318,7 +321,7 @@ def compute_study():
     base = pretrain()
     target = spanish_target(base, steps=compute_reference_steps, lr=high_lr)
     replay_cap = 10 * compute_reference_steps  # replay arms at high_lr get there in a few hundred steps
-    corpus_size = replay_cap * round(max(floats(replay_fractions)) * batch_size)  # one corpus for every fraction
+    corpus_size = corpus_steps * round(max(floats(replay_fractions)) * batch_size)  # one corpus for every fraction
     corpus = replay_corpus(base, corpus_size)
     _, corpus_meta = load_corpus(corpus)
     sample_seconds_per_sequence = corpus_meta["seconds"] / corpus_meta["count"]
