@@ -36,9 +36,9 @@ fi
 LR=${LR:-1e-3}            # finetuning learning rate, the same for every method (constant after warmup)
 COEFF=${COEFF:-1.0}       # replay / LwF coefficient
 # replay: REPLAY_BATCH old-distribution sequences per step beside the new batch (a quarter of it, as
-# the study's 64 beside 256), never the same self-generated sequence twice: the corpus holds one
-# sequence for every replay row of the longest run
-REPLAY_SAMPLES=$((MAX_STEPS * REPLAY_BATCH))
+# the study's 64 beside 256), never the same self-generated sequence twice: the corpus holds 300
+# steps' worth, and finetune.py samples more from the same model if a run needs more
+REPLAY_SAMPLES=$((300 * REPLAY_BATCH))
 started_at=$(date +%s)
 
 run() { echo "+ $*"; "$@"; }

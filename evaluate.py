@@ -100,13 +100,15 @@ def compare_at_matched_loss():
             raise UserError(f"{path} has no {key}: finetune with that dataset tracked")
         values, how = at_target(records, key, target)
         start = records[0]
-        row = {"how": how, "step": values["step"], "replay_passes": records[-1].get("replay_passes", 0),
+        row = {"how": how, "step": values["step"], "replay_passes": records[-1].get("replay_passes"),
                "best": min(r[key] for r in records if key in r)}
-        for k, v in values.items():
-            if k.startswith(("val_loss/", "val_kl/")):
-                row[k] = v
-                if k.startswith("val_loss/") and k in start:
-                    row["forgetting/" + k.split("/", 1)[1]] = v - start[k]
+        for data in dict.fromkeys(k.split("/", 1)[1] for k in values if k.startswith(("val_loss/", "val_kl/"))):
+            loss, kl = values.get(f"val_loss/{data}"), values.get(f"val_kl/{data}")
+            row[f"val_loss/{data}"] = loss
+            if f"val_loss/{data}" != key and loss is not None and f"val_loss/{data}" in start:
+                row[f"forgetting/{data}"] = loss - start[f"val_loss/{data}"]  # old data: the loss increase
+            if kl is not None:
+                row[f"val_kl/{data}"] = kl
         rows[name] = row
     report = {"match": key, "target": target, "runs": rows, "logs": parse_named(logs, "--logs")}
     table = matched_table(rows, key, target)
@@ -126,7 +128,8 @@ def matched_table(rows, key, target):
         how = r["how"] + (f" (best {r['best']:.3f})" if r["how"] == "not reached" else "")
         cells = ["" if r.get(m) is None else f"{r[m]:+.3f}" if m.startswith("forgetting/") else f"{r[m]:.3f}"
                  for m in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['step']:.0f} | {how} | {r['replay_passes']} |")
+        passes = "" if r["replay_passes"] is None else r["replay_passes"]  # None: a log older than the count
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['step']:.0f} | {how} | {passes} |")
     return "\n".join(lines)
 
 
