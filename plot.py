@@ -244,7 +244,7 @@ def sweep_compute_figure(result):
         ax.plot([arm["train_seconds"]], [arm["en_after"]], marker="o", color=f"C{i % 10}",
                 mfc=None if arm["reached"] else "white", label=arm["arm"])
     ax.set_xscale("log")
-    ax.set_xlabel("seconds (2 CPU cores; replay arms include sampling); dot = Spanish target")
+    ax.set_xlabel("training seconds; dot = Spanish target, at its cost (self-generated: + sampling)")
     ax.set_ylabel("English loss")
     ax.set_title(f"seed {result['seeds'][0]['seed']}", fontsize=9)
     ax.grid(alpha=0.3)
