@@ -68,6 +68,15 @@ def same_model(a, b):
     return GPTConfig(**a).to_dict() == GPTConfig(**b).to_dict()
 
 
+def write_report(report, table):
+    """Print the markdown table, write the JSON report (and the table, with --out_md)."""
+    print(table)
+    write_json(out_json, report)
+    if out_md:
+        atomic_write_text(out_md, table + "\n")
+    print(f"wrote {out_json}" + (f" and {out_md}" if out_md else ""))
+
+
 def at_target(records, key, target):
     """Every numeric metric of a run at the point where records[key] first falls to `target`:
     (values, how). Linear interpolation between the evaluation before and the one at or below the
@@ -112,11 +121,7 @@ def compare_at_matched_loss():
         rows[name] = row
     report = {"match": key, "target": target, "runs": rows, "logs": parse_named(logs, "--logs")}
     table = matched_table(rows, key, target)
-    print(table)
-    write_json(out_json, report)
-    if out_md:
-        atomic_write_text(out_md, table + "\n")
-    print(f"wrote {out_json}" + (f" and {out_md}" if out_md else ""))
+    write_report(report, table)
 
 
 def matched_table(rows, key, target):
@@ -177,11 +182,7 @@ def main():
     if started_at:
         report["seconds"] = round(time.time() - started_at, 1)
     table = markdown_table(results, [d.short_name for d in data], steps)
-    print(table)
-    write_json(out_json, report)
-    if out_md:
-        atomic_write_text(out_md, table + "\n")
-    print(f"wrote {out_json}" + (f" and {out_md}" if out_md else ""))
+    write_report(report, table)
 
 
 def markdown_table(results, dataset_names, steps):

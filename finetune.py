@@ -124,7 +124,7 @@ class ReplayStream:
         self.capacity = len(self.tokens)
         # more can be sampled only from the model the corpus came from, which is the frozen teacher
         from_teacher = meta.get("source_checkpoint") == os.path.abspath(init_from) and "prompts" in meta
-        self.teacher, self.device = (teacher, device) if from_teacher else (None, device)
+        self.teacher, self.device = teacher if from_teacher else None, device
         if needed > self.capacity and not reuse and self.teacher is None:
             raise UserError(f"replay corpus {source} has {self.capacity:,} sequences, but {max_steps} steps x "
                             f"{batch_size} need {needed:,} so that none is used twice, and it was not sampled from "
@@ -378,14 +378,14 @@ def main():
     if is_main and start_step == 0:
         evaluate(0, {}, t0)
     stop_reason = "target not reached" if target_val_loss or target_accuracy else "max_steps"
-    last_step = cooldown_from = max_steps  # a reached target moves both earlier
+    # a reached target starts the cooldown (at max_steps: none), and the run ends cooldown_steps later
+    end_after = lambda cooldown_from: min(max_steps, cooldown_from + cooldown_steps)
+    cooldown_from = max_steps
     if start_step and state["train_state"].get("cooldown_from") is not None:
         cooldown_from, stop_reason = state["train_state"]["cooldown_from"], state["stop_reason"]
-        last_step = cooldown_from + cooldown_steps
+    last_step = end_after(cooldown_from)
     pbar = tqdm(range(start_step, max_steps), desc="finetune", dynamic_ncols=True, disable=not is_main)
     for step in pbar:
-        if step == last_step:
-            break
         step_started = time.time()
         for group in optimizer.param_groups:
             group["lr"] = (lr_at(step, max_steps, learning_rate, warmup_steps, schedule) if step < cooldown_from
@@ -422,12 +422,12 @@ def main():
                     stop_reason = "target_val_loss" if reached_loss else "target_accuracy"
                     tqdm.write(f"{stop_reason} on {dataset} reached" + (f"; {cooldown_steps} steps of cooldown"
                                                                          if cooldown_steps else ""))
-                    cooldown_from, last_step = step + 1, min(max_steps, step + 1 + cooldown_steps)
-                stop = step + 1 >= last_step
+                    cooldown_from = step + 1
+                stop = step + 1 >= end_after(cooldown_from)
                 checkpoint(step + 1, stop, stop_reason, cooldown_from if cooldown_from < max_steps else None)
             if cooldown_steps:  # every rank follows rank 0's schedule
                 cooldown_from = from_rank0(cooldown_from, world_size)
-                last_step = min(max_steps, cooldown_from + cooldown_steps) if cooldown_from < max_steps else max_steps
+            last_step = end_after(cooldown_from)
             if from_rank0(stop, world_size):
                 break
     pbar.close()

@@ -99,14 +99,19 @@ def is_finished(out_dir):
     return os.path.exists(path) and bool(load_checkpoint_dict(path).get("finished"))
 
 
-def launch(script, out_dir, args, fresh=True):
-    """Run one pipeline script and record how long it took (added to the time so far when resuming)."""
+def launch(script, out_dir, args, fresh=True, env=None):
+    """Run one pipeline script (a .py with --key=value args, or a .sh with settings in `env`) and
+    record how long it took (added to the time so far when resuming)."""
     if fresh:
         timings.pop(out_dir, None)
     started = time.time()
-    command = [sys.executable, script, *[f"--{k}={v}" for k, v in args.items()]]
-    print("+ " + " ".join(command), flush=True)
-    result = subprocess.run(command)
+    if script.endswith(".sh"):
+        command = ["bash", script]
+        print("+ " + " ".join(f"{k}='{v}'" for k, v in (env or {}).items()) + f" bash {script}", flush=True)
+    else:
+        command = [sys.executable, script, *[f"--{k}={v}" for k, v in args.items()]]
+        print("+ " + " ".join(command), flush=True)
+    result = subprocess.run(command, env=env and {**os.environ, **env})
     if result.returncode != 0:
         raise UserError(f"{script} failed for {out_dir} (exit {result.returncode}): fix the cause and run "
                         f"sweep.py again; finished runs are skipped")
@@ -408,14 +413,8 @@ def toy_orders_study():
             result_path = f"{out_dir}/result.json"
             used.append(out_dir)
             if not os.path.exists(result_path):
-                env = {**os.environ, "ORDER": " ".join(order), "SEED": str(seed), "OUT": out_dir,
-                       "RESULTS": f"{out_dir}/result"}
-                print(f"+ ORDER='{env['ORDER']}' SEED={seed} OUT={out_dir} bash toy_continual.sh", flush=True)
-                started = time.time()
-                if subprocess.run(["bash", "toy_continual.sh"], env=env).returncode != 0:
-                    raise UserError(f"toy_continual.sh failed for {out_dir}: fix the cause and run sweep.py again")
-                timings[out_dir] = time.time() - started
-                atomic_write_text(os.path.join(out_root, "timings.json"), json.dumps(timings, indent=1))
+                launch("toy_continual.sh", out_dir, {}, env={"ORDER": " ".join(order), "SEED": str(seed),
+                                                             "OUT": out_dir, "RESULTS": f"{out_dir}/result"})
             result = json.load(open(result_path))
             replay, plain = result["arms"]["replay"], result["arms"]["no_replay"]
             earlier = [plain[t] for t in order[:-1]]
