@@ -141,10 +141,9 @@ class ReplayStream:
     def sample_more(self):
         """Another corpus' worth of fresh sequences from the teacher, with the corpus' own prompts,
         length and temperature; a seed of its own for every chunk, so a resumed run gets the same."""
-        from sample_replay import sample_corpus
+        from sample_replay import prompt_column, sample_corpus
         started = time.time()
-        prompts = torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in self.meta["prompts"]])
-        fresh = sample_corpus(self.teacher, prompts, self.meta["length"], self.meta["temperature"],
+        fresh = sample_corpus(self.teacher, prompt_column(self.meta["prompts"]), self.meta["length"], self.meta["temperature"],
                               self.meta["top_k"], 1024, self.meta["seed"] + 7919 * self.chunk, self.device,
                               progress=False).to(self.tokens.dtype)
         self.sample_seconds += time.time() - started

@@ -229,18 +229,24 @@ def model_info(model_dir, width):
             "es_loss": last.get("val_loss/es"), "paper_params": params, "tokens_per_param": last["tokens"] / params}
 
 
-def save(name, result, table):
-    """results/sweep_<name>.json (every number), .md (the README's table, from the same numbers)
-    and .png (plot.py)."""
+def write_results(stem, result, table):
+    """results/<stem>.json (every number, and the seconds of the runs the study used) and .md (its
+    table, from the same numbers)."""
     runs = sorted(set(used))
     result["seconds"] = round(sum(timings.get(r, 0.0) for r in runs), 1)
     result["runs"] = {"total": len(runs), "timed": sum(r in timings for r in runs)}
     used.clear()
-    path = os.path.join(results_dir, f"sweep_{name}.json")
+    path = os.path.join(results_dir, f"{stem}.json")
     atomic_write_text(path, json.dumps(result, indent=1))
     text = table(result)
     atomic_write_text(path.replace(".json", ".md"), text)
     print(text + f"wrote {path} and .md ({result['seconds'] / 60:.1f} min of runs)")
+    return path
+
+
+def save(name, result, table):
+    """A sweep study's results/sweep_<name>.json and .md, and its figure .png (plot.py)."""
+    path = write_results(f"sweep_{name}", result, table)
     subprocess.run([sys.executable, "plot.py", f"--figure=sweep_{name}", f"--results={path}",
                     f"--out={os.path.join(results_dir, f'sweep_{name}.png')}"], check=True)
 
@@ -505,21 +511,17 @@ def toy_orders_study():
     bars = {"replay_min": 0.98, "no_replay_earlier_mean": 0.40}
     for r in rows:
         r["meets_bars"] = r["replay_min"] >= bars["replay_min"] and r["no_replay_earlier_mean"] <= bars["no_replay_earlier_mean"]
-    lines = ["| order | seed | replay: accuracy per task (in order) | replay min | no replay: per task | "
-             "no replay, earlier tasks' mean | replay passes | seconds | bars met |", "|---" * 9 + "|"]
-    for r in rows:
-        fmt = lambda arm: " / ".join(f"{t} {r[arm][t]:.3f}" for t in r["order"])
-        lines.append(f"| {' > '.join(r['order'])} | {r['seed']} | {fmt('replay')} | {r['replay_min']:.3f} | "
-                     f"{fmt('no_replay')} | {r['no_replay_earlier_mean']:.3f} | {r['replay_passes']} | "
-                     f"{r['seconds']:.0f} | {'yes' if r['meets_bars'] else 'NO'} |")
-    atomic_write_text(os.path.join(results_dir, "toy_continual_orders.md"), "\n".join(lines) + "\n")
-    path = os.path.join(results_dir, "toy_continual_orders.json")
-    runs = sorted(set(used))
-    used.clear()
-    atomic_write_text(path, json.dumps({"study": "toy_orders", "bars": bars, "runs": rows,
-                                        "all_meet_bars": all(r["meets_bars"] for r in rows),
-                                        "seconds": round(sum(timings.get(r, 0.0) for r in runs), 1)}, indent=1))
-    print("\n".join(lines) + f"\nwrote {path}")
+    write_results("toy_continual_orders", {"study": "toy_orders", "bars": bars, "runs": rows,
+                                           "all_meet_bars": all(r["meets_bars"] for r in rows)}, toy_orders_table)
+
+
+def toy_orders_table(result):
+    per_task = lambda r, arm: " / ".join(f"{t} {r[arm][t]:.3f}" for t in r["order"])
+    return markdown([["order", "seed", "replay: accuracy per task (in order)", "replay min", "no replay: per task",
+                      "no replay, earlier tasks' mean", "replay passes", "seconds", "bars met"]]
+                    + [[" > ".join(r["order"]), r["seed"], per_task(r, "replay"), f"{r['replay_min']:.3f}",
+                        per_task(r, "no_replay"), f"{r['no_replay_earlier_mean']:.3f}", r["replay_passes"],
+                        f"{r['seconds']:.0f}", "yes" if r["meets_bars"] else "NO"] for r in result["runs"]])
 
 
 STUDIES = {"size": size_study, "tpp": tpp_study, "mixture": mixture_study, "lr": lr_study, "compute": compute_study,
