@@ -105,8 +105,8 @@ def compare_at_matched_loss():
     if not key:
         raise UserError(f"--match={match!r} must be key=target, e.g. val_loss/es=4.744")
     check_outputs()
-    rows = {}
-    for name, path in parse_named(logs, "--logs").items():
+    rows, named = {}, parse_named(logs, "--logs")
+    for name, path in named.items():
         if not os.path.exists(path):
             raise UserError(f"{path} not found: run that finetuning first")
         records = read_jsonl(path)
@@ -124,7 +124,7 @@ def compare_at_matched_loss():
             if kl is not None:
                 row[f"val_kl/{data}"] = kl
         rows[name] = row
-    report = {"match": key, "target": target, "runs": rows, "logs": parse_named(logs, "--logs")}
+    report = {"match": key, "target": target, "runs": rows, "logs": named}
     table = matched_table(rows, key, target)
     write_report(report, table)
 

@@ -151,10 +151,9 @@ class ReplayStream:
     def sample_more(self):
         """Another corpus' worth of fresh sequences from the teacher, with the corpus' own prompts,
         length and temperature; a seed of its own for every chunk, so a resumed run gets the same."""
-        from sample_replay import sample_corpus
+        from sample_replay import prompt_column, sample_corpus
         started = time.time()
-        prompts = torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in self.meta["prompts"]])
-        fresh = sample_corpus(self.teacher, prompts, self.meta["length"], self.meta["temperature"],
+        fresh = sample_corpus(self.teacher, prompt_column(self.meta["prompts"]), self.meta["length"], self.meta["temperature"],
                               self.meta["top_k"], 1024, self.meta["seed"] + 7919 * self.chunk, self.device,
                               progress=False).to(self.tokens.dtype)
         self.sample_seconds += time.time() - started
@@ -279,7 +278,7 @@ def main():
     if mix_fraction > 0 and not mix_dataset:
         raise UserError(f"--mix_fraction={mix_fraction} needs --mix_dataset (the real old data to mix in)")
     if lora_rank < 0 or lora_alpha < 0:
-        raise UserError(f"--lora_rank and --lora_alpha must be >= 0 (alpha 0 = the rank)")
+        raise UserError("--lora_rank and --lora_alpha must be >= 0 (alpha 0 = the rank)")
     if max_steps <= 0 or replay_batch_size < 0 or min(cooldown_steps, target_val_loss, target_accuracy) < 0:
         raise UserError("--max_steps must be positive; --replay_batch_size, --cooldown_steps and the targets >= 0")
     if replay != "none" and not replay_source:

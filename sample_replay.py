@@ -67,6 +67,12 @@ def parse_prompts(spec, data_meta, vocab_size, bos=None):
     return [(n, t, s / total) for n, t, s in parsed]
 
 
+def prompt_column(prompts):
+    """The first token of every sequence to sample, from a corpus' prompt list [{"token", "count"}, ...]
+    (finetune.py rebuilds it from a corpus' metadata to sample more of the same)."""
+    return torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in prompts])
+
+
 def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device, partial_path=None,
                   progress=True, partial_source=None):
     """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
@@ -134,7 +140,8 @@ def main():
     # rows per prompt in proportion to its share; the remainder goes to the first prompt
     counts = [int(share * num_samples) for _, _, share in parsed]
     counts[0] += num_samples - sum(counts)
-    prompt_tokens = torch.cat([torch.full((n,), tok, dtype=torch.long) for (_, tok, _), n in zip(parsed, counts)])
+    prompt_list = [{"name": n, "token": t, "share": s, "count": c} for (n, t, s), c in zip(parsed, counts)]
+    prompt_tokens = prompt_column(prompt_list)
 
     t0 = time.time()
     partial_path = out + ".partial"
@@ -151,7 +158,7 @@ def main():
         "source_checkpoint": os.path.abspath(init_from),
         "source_sha256": fingerprint(init_from)["sha256"],  # finetune.py tops up only from this same model
         "source_step": ckpt.get("step"),
-        "prompts": [{"name": n, "token": t, "share": s, "count": c} for (n, t, s), c in zip(parsed, counts)],
+        "prompts": prompt_list,
         "temperature": temperature,
         "top_k": top_k,
         "count": len(tokens),

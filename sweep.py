@@ -231,16 +231,98 @@ def model_info(model_dir, width):
             "es_loss": last.get("val_loss/es"), "paper_params": params, "tokens_per_param": last["tokens"] / params}
 
 
-def save(name, result):
+def write_results(stem, result, table):
+    """results/<stem>.json (every number, and the seconds of the runs the study used) and .md (its
+    table, from the same numbers)."""
     runs = sorted(set(used))
     result["seconds"] = round(sum(timings.get(r, 0.0) for r in runs), 1)
     result["runs"] = {"total": len(runs), "timed": sum(r in timings for r in runs)}
     used.clear()
-    path = os.path.join(results_dir, f"sweep_{name}.json")
+    path = os.path.join(results_dir, f"{stem}.json")
     atomic_write_text(path, json.dumps(result, indent=1))
-    print(f"wrote {path} ({result['seconds'] / 60:.1f} min of runs)")
+    text = table(result)
+    atomic_write_text(path.replace(".json", ".md"), text)
+    print(text + f"wrote {path} and .md ({result['seconds'] / 60:.1f} min of runs)")
+    return path
+
+
+def save(name, result, table):
+    """A sweep study's results/sweep_<name>.json and .md, and its figure .png (plot.py)."""
+    path = write_results(f"sweep_{name}", result, table)
     subprocess.run([sys.executable, "plot.py", f"--figure=sweep_{name}", f"--results={path}",
                     f"--out={os.path.join(results_dir, f'sweep_{name}.png')}"], check=True)
+
+
+def lr_text(lr):
+    """3e-4 rather than 0.0003."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def markdown(rows):
+    """A list of rows (the first is the header) as a markdown table."""
+    lines = ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join([lines[0], "|---" * len(rows[0]) + "|", *lines[1:]]) + "\n"
+
+
+def forgetting_cell(o):
+    """One run's forgetting; a run that hit its step cap says at which Spanish loss it was read."""
+    return f"{o['forgetting']:+.3f}" + ("" if o["reached"] else f" (cap: Spanish {o['es_after']:.2f})")
+
+
+def coefficient_table(models, columns):
+    """size and tpp studies: a row per model, its forgetting at every KL coefficient.
+    columns: {header: function(model row) -> cell} for the columns that describe the model."""
+    cs = list(models[0]["finetune"])
+    header = [*columns, "English before", *["plain" if c == "0" else f"KL coeff {c}" for c in cs], "replay passes"]
+    return markdown([header] + [[*(cell(m) for cell in columns.values()), f"{m['en_loss']:.3f}",
+                                 *(forgetting_cell(m["finetune"][c]) for c in cs),
+                                 max(o["replay_passes"] for o in m["finetune"].values())] for m in models])
+
+
+def mixture_table(result):
+    rows = [["length", "English-only model", "25% Spanish mixture", "plain, at the end", "KL self-replay, at the end",
+             "steps", "replay passes"]]
+    for label, length in result["lengths"].items():
+        shares = {f["es_share"]: f for f in length["frontier"]}
+        english, mixed = shares[0.0], shares.get(0.25)
+        plain, kl = length["finetune"]["plain"][-1], length["finetune"]["kl_self"][-1]
+        rows.append([f"{label}, {length['tpp']:g} TPP", f"en {english['en_loss']:.3f}, es {english['es_loss']:.3f}",
+                     f"en {mixed['en_loss']:.3f}, es {mixed['es_loss']:.3f}" if mixed else "",
+                     f"en {plain['en_loss']:.2f}, es {plain['es_loss']:.2f}",
+                     f"en {kl['en_loss']:.2f} ({kl['en_loss'] - english['en_loss']:+.2f}), es {kl['es_loss']:.2f}",
+                     kl["step"], kl["replay_passes"]])
+    return markdown(rows)
+
+
+def lr_table(result):
+    rows = [["pretrain LR", "finetune LR", "English before", "plain", "KL coeff 1"]]
+    groups = {}
+    for g in result["summary"]:
+        groups.setdefault((g["pretrain_lr"], g["finetune_lr"]), {"en_before": g["en_before"]})[g["kl_coeff"]] = g
+    for (plr, flr), g in sorted(groups.items()):
+        cell = lambda x: (f"{x['forgetting']:+.3f} ({x['forgetting_min']:+.3f}..{x['forgetting_max']:+.3f})"
+                          + ("" if x["all_reached"] else " (not all reached)"))
+        rows.append([lr_text(plr), lr_text(flr), f"{g['en_before']:.3f}", cell(g[0.0]), cell(g[1.0])])
+    return markdown(rows)
+
+
+def compute_table(result):
+    first = result["seeds"][0]
+    arms = [["run", "steps", "seconds", "English after", "forgetting", "how", "replay passes"]]
+    arms += [[a["arm"], f"{a['steps']:g}", f"{a['train_seconds']:.2f}", f"{a['en_after']:.3f}",
+              f"{a['forgetting']:+.3f}", a["how"], a["replay_passes"]] for a in first["arms"]]
+    ratios = [["lower LR", "its English loss", "self-generated replay", "real rows"]]
+    for low_lr in dict.fromkeys(s["low_lr"] for s in result["summary"]):
+        ends = [m["en_after"] for s in result["seeds"] for m in s["matches"] if m["low_lr"] == low_lr]
+        cells = []
+        for variant in ("self", "replace"):
+            s = next(x for x in result["summary"] if x["low_lr"] == low_lr and x["variant"] == variant)
+            cells.append(f"{'>= ' if s['at_least'] else ''}{s['median']:.3g}x ({s['min']:.3g}..{s['max']:.3g})"
+                         if s["median"] else "not matched")
+        ratios.append([lr_text(low_lr), f"{min(ends):.2f}-{max(ends):.2f}", *cells])
+    return (f"Seed {first['seed']}, every arm at the Spanish target:\n\n" + markdown(arms) +
+            "\nTime for replay to end at each lower LR's English loss (median of the seeds, min..max):\n\n"
+            + markdown(ratios))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +344,10 @@ def size_study():
     target = spanish_target(base)
     rows = [{"width": width, **model_info(model_dir, width), "finetune": replay_coefficients(model_dir, target)}
             for width, model_dir in sorted(models.items())]
-    save("size", {"study": "size", "spanish_target": target, "english_target": target_en, "models": rows})
+    save("size", {"study": "size", "spanish_target": target, "english_target": target_en, "models": rows},
+         lambda r: coefficient_table(r["models"], {"width": lambda m: m["width"],
+                                                   "parameters": lambda m: f"{m['paper_params']:,}",
+                                                   "tokens/param": lambda m: f"{m['tokens_per_param']:.0f}"}))
 
 
 def tpp_study():
@@ -270,7 +355,8 @@ def tpp_study():
     target = spanish_target(models[base_tpp] if base_tpp in models else models[max(models)])
     rows = [{"tpp": tpp, **model_info(model_dir, base_width), "finetune": replay_coefficients(model_dir, target)}
             for tpp, model_dir in sorted(models.items())]
-    save("tpp", {"study": "tpp", "spanish_target": target, "width": base_width, "models": rows})
+    save("tpp", {"study": "tpp", "spanish_target": target, "width": base_width, "models": rows},
+         lambda r: coefficient_table(r["models"], {"tokens/param": lambda m: f"{m['tpp']:g}"}))
 
 
 def mixture_study():
@@ -286,7 +372,7 @@ def mixture_study():
             trajectories[name] = [{"step": r["step"], "en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"],
                                    "replay_passes": r["replay_passes"]} for r in log(ft)]
         result["lengths"][label] = {"tpp": tpp, "frontier": frontier, "finetune": trajectories}
-    save("mixture", result)
+    save("mixture", result, mixture_table)
 
 
 def lr_study():
@@ -306,7 +392,7 @@ def lr_study():
                 rows.append({"pretrain_lr": plr, "seed": seed, "finetune_lr": flr, "kl_coeff": c,
                              "pretrain_en_loss": final_loss(model_dir), **outcome(ft, target)})
     save("lr", {"study": "lr", "spanish_target": target, "tokens_per_param": lr_tpp, "runs_table": rows,
-                "summary": lr_summary(rows)})
+                "summary": lr_summary(rows)}, lr_table)
 
 
 def lr_summary(rows):
@@ -357,7 +443,7 @@ def compute_study():
                          "replay_fraction": f, **outcome(ft, target), "curve": curve(ft)})
         per_seed.append({"seed": seed, "arms": arms, "matches": match_old_loss(arms)})
     save("compute", {"study": "compute", "spanish_target": target, "sample_seconds_per_sequence":
-                     sample_seconds_per_sequence, "seeds": per_seed, "summary": compute_summary(per_seed)})
+                     sample_seconds_per_sequence, "seeds": per_seed, "summary": compute_summary(per_seed)}, compute_table)
 
 
 def curve(run_dir):
@@ -427,21 +513,17 @@ def toy_orders_study():
     bars = {"replay_min": 0.98, "no_replay_earlier_mean": 0.40}
     for r in rows:
         r["meets_bars"] = r["replay_min"] >= bars["replay_min"] and r["no_replay_earlier_mean"] <= bars["no_replay_earlier_mean"]
-    lines = ["| order | seed | replay: accuracy per task (in order) | replay min | no replay: per task | "
-             "no replay, earlier tasks' mean | replay passes | seconds | bars met |", "|---" * 9 + "|"]
-    for r in rows:
-        fmt = lambda arm: " / ".join(f"{t} {r[arm][t]:.3f}" for t in r["order"])
-        lines.append(f"| {' > '.join(r['order'])} | {r['seed']} | {fmt('replay')} | {r['replay_min']:.3f} | "
-                     f"{fmt('no_replay')} | {r['no_replay_earlier_mean']:.3f} | {r['replay_passes']} | "
-                     f"{r['seconds']:.0f} | {'yes' if r['meets_bars'] else 'NO'} |")
-    atomic_write_text(os.path.join(results_dir, "toy_continual_orders.md"), "\n".join(lines) + "\n")
-    path = os.path.join(results_dir, "toy_continual_orders.json")
-    runs = sorted(set(used))
-    used.clear()
-    atomic_write_text(path, json.dumps({"study": "toy_orders", "bars": bars, "runs": rows,
-                                        "all_meet_bars": all(r["meets_bars"] for r in rows),
-                                        "seconds": round(sum(timings.get(r, 0.0) for r in runs), 1)}, indent=1))
-    print("\n".join(lines) + f"\nwrote {path}")
+    write_results("toy_continual_orders", {"study": "toy_orders", "bars": bars, "runs": rows,
+                                           "all_meet_bars": all(r["meets_bars"] for r in rows)}, toy_orders_table)
+
+
+def toy_orders_table(result):
+    per_task = lambda r, arm: " / ".join(f"{t} {r[arm][t]:.3f}" for t in r["order"])
+    return markdown([["order", "seed", "replay: accuracy per task (in order)", "replay min", "no replay: per task",
+                      "no replay, earlier tasks' mean", "replay passes", "seconds", "bars met"]]
+                    + [[" > ".join(r["order"]), r["seed"], per_task(r, "replay"), f"{r['replay_min']:.3f}",
+                        per_task(r, "no_replay"), f"{r['no_replay_earlier_mean']:.3f}", r["replay_passes"],
+                        f"{r['seconds']:.0f}", "yes" if r["meets_bars"] else "NO"] for r in result["runs"]])
 
 
 STUDIES = {"size": size_study, "tpp": tpp_study, "mixture": mixture_study, "lr": lr_study, "compute": compute_study,
