@@ -411,8 +411,8 @@ def main():
     for step in pbar:
         step_started = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = (lr_at(step, max_steps, learning_rate, warmup_steps, schedule) if step < cooldown_from
-                           else learning_rate * (last_step - step) / (cooldown_steps + 1))
+            group["lr"] = lr_at(step, max_steps, learning_rate, warmup_steps, schedule,
+                                cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
         # every rank draws the same global batches and keeps its own slice
         x_new = new_data.sample("train", batch_size - n_mix, T, rng)
         if mix is not None and n_mix:

@@ -50,6 +50,8 @@ max_tokens = 0
 tokens_per_param = 0.0           # tokens / (12 L D^2 + D V), the paper's saturation axis
 target_val_loss = 0.0            # stop once the mean validation loss is at or below this
 target_accuracy = 0.0            # toy tasks: stop once every dataset's greedy accuracy reaches this
+cooldown_steps = 0               # with a target: once reached, this many more steps with the learning rate
+                                 # falling linearly to 0 (settles a task learned at a high rate)
 # -- evaluation
 eval_interval = 100
 eval_sequences = 1024            # validation sequences per dataset for loss (and accuracy on toy tasks)
@@ -80,8 +82,8 @@ def main():
     if len(row_lens) > 1:
         raise UserError(f"datasets {names} mix row lengths {row_lens}: use datasets of one layout")
     check_training_settings(globals())
-    if min(max_steps, max_tokens, tokens_per_param, block_size) < 0:
-        raise UserError("--max_steps, --max_tokens, --tokens_per_param and --block_size must be >= 0")
+    if min(max_steps, max_tokens, tokens_per_param, block_size, cooldown_steps) < 0:
+        raise UserError("--max_steps, --max_tokens, --tokens_per_param, --block_size and --cooldown_steps must be >= 0")
     if min(width, depth, head_dim) < 1:
         raise UserError("--width, --depth and --head_dim must be positive")
     T = block_size or data[0].row_len or 256
@@ -160,9 +162,15 @@ def main():
     if is_main and start_step == 0:
         evaluate(0, None, t0)  # the untrained model, so curves start at chance
     pbar = tqdm(range(start_step, total_steps), desc="pretrain", dynamic_ncols=True, disable=not is_main)
+    # a reached target starts the cooldown (total_steps: none yet), and the run ends cooldown_steps later
+    cooldown_from = total_steps
+    if start_step and ckpt["train_state"].get("cooldown_from") is not None:
+        cooldown_from = ckpt["train_state"]["cooldown_from"]
+    last_step = min(total_steps, cooldown_from + cooldown_steps)
     for step in pbar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr)
+            group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr,
+                                cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
         x = shard(sample_mixture(data, fractions, batch_size, T, rng), rank, world_size).to(dev)
         with autocast:
             loss = ntp_loss(train_model(x), x)
@@ -174,9 +182,11 @@ def main():
         train_loss = global_mean(loss, world_size).item()
         pbar.set_postfix(loss=f"{train_loss:.4f}")
 
-        if (step + 1) % eval_interval == 0 or step + 1 == total_steps:
-            if not is_main:
-                if from_rank0(False, world_size):  # wait for rank 0's verdict on the targets
+        if (step + 1) % eval_interval == 0 or step + 1 == last_step:
+            if not is_main:  # wait for rank 0's verdict on the targets
+                cooldown_from = from_rank0(0, world_size)
+                last_step = min(total_steps, cooldown_from + cooldown_steps)
+                if from_rank0(False, world_size):
                     break
                 continue
             record = evaluate(step + 1, train_loss, t0)  # checked for divergence before it is logged
@@ -187,13 +197,17 @@ def main():
             accuracies = [record[f"accuracy/{n}"] for n in trained if f"accuracy/{n}" in record]
             reached = ((target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss)
                        or (target_accuracy and accuracies and min(accuracies) >= target_accuracy))
-            finished = bool(reached) or step + 1 == total_steps
+            if reached and step + 1 < cooldown_from:
+                tqdm.write("target reached" + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
+                cooldown_from = step + 1
+            last_step = min(total_steps, from_rank0(cooldown_from, world_size) + cooldown_steps)
+            finished = step + 1 >= last_step
             save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
                             step=step + 1, finished=finished, inputs=inputs,
-                            train_state={"optimizer": optimizer.state_dict(), "rng": rng_state(rng)})
+                            train_state={"optimizer": optimizer.state_dict(), "rng": rng_state(rng),
+                                         "cooldown_from": cooldown_from if cooldown_from < total_steps else None})
             last_saved = (ckpt_path, step + 1)
-            if from_rank0(reached, world_size):
-                tqdm.write("target reached")
+            if from_rank0(finished, world_size):
                 break
     pbar.close()
     if not is_main:

@@ -269,6 +269,22 @@ def test_lora_with_embeddings_also_trains_the_embeddings_in_full(tiny_checkpoint
     assert not torch.equal(before["unembed.weight"], after["unembed.weight"])
 
 
+def test_the_cooldown_falls_linearly_to_zero_from_where_the_schedule_was():
+    cosine = dict(total_steps=100, peak_lr=1.0, warmup_steps=10, schedule="cosine")
+    at_40 = common.lr_at(40, **cosine)
+    cooled = [common.lr_at(step, **cosine, cooldown_from=40, cooldown_steps=4) for step in range(38, 44)]
+    assert cooled[:2] == [common.lr_at(38, **cosine), common.lr_at(39, **cosine)]  # untouched before it
+    assert cooled[2:] == pytest.approx([at_40 * 4 / 5, at_40 * 3 / 5, at_40 * 2 / 5, at_40 * 1 / 5])
+
+
+def test_pretraining_that_reaches_its_target_cools_down_then_stops(toy_data, tmp_path):
+    run_script("pretrain", datasets=toy_data["sort"], out_dir=str(tmp_path / "pre"), max_steps=20, eval_interval=3,
+               eval_sequences=16, batch_size=16, device="cpu", target_val_loss=100.0, cooldown_steps=4, **TINY_MODEL)
+    assert [r["step"] for r in common.read_jsonl(tmp_path / "pre" / "log.jsonl")] == [0, 3, 6, 7]
+    ckpt = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["step"] == 7
+
+
 def test_a_reached_target_starts_a_cooldown_and_the_run_stops_after_it(tiny_checkpoint, toy_data, tmp_path):
     run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"),
                **{**FT, "max_steps": 20}, target_val_loss=100.0, cooldown_steps=4)  # reached at the first evaluation

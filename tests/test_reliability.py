@@ -57,19 +57,23 @@ PRETRAIN = ["pretrain.py", "--width=32", "--depth=1", "--head_dim=8", "--batch_s
             "--eval_interval=20", "--eval_sequences=16", "--schedule=cosine", "--device=cpu"]
 
 
-def test_pretrain_killed_and_resumed_ends_with_the_same_weights(toy_data, tmp_path):
-    args = PRETRAIN + [f"--datasets={toy_data['sort']}"]
+# a plain cosine run, or one that reaches its target at the first evaluation and is killed in the cooldown
+@pytest.mark.parametrize("stop", [[], ["--target_val_loss=100", "--cooldown_steps=760"]], ids=["cosine", "cooldown"])
+def test_pretrain_killed_and_resumed_ends_with_the_same_weights(toy_data, tmp_path, stop):
+    args = PRETRAIN + [f"--datasets={toy_data['sort']}"] + stop
+    last = 780 if stop else 800
     assert script(*args, f"--out_dir={tmp_path / 'straight'}").returncode == 0
     killed_at = kill_after(args + [f"--out_dir={tmp_path / 'killed'}"], str(tmp_path / "killed" / "log.jsonl"), 200)
-    assert killed_at < 800
+    assert killed_at < last
     ckpt = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
-    assert not ckpt["finished"] and ckpt["step"] < 800   # the kill really was mid-run
+    assert not ckpt["finished"] and ckpt["step"] < last   # the kill really was mid-run
+    assert ckpt["train_state"]["cooldown_from"] == (20 if stop else None)
     result = script(*args, f"--out_dir={tmp_path / 'killed'}", "--resume=True")
     assert result.returncode == 0, result.stderr
     a, b = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "killed" / "ckpt.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(l)["step"] for l in open(tmp_path / "killed" / "log.jsonl")]
-    assert steps == sorted(set(steps)) and steps[-1] == 800  # no duplicated log lines after resuming
+    assert steps == sorted(set(steps)) and steps[-1] == last  # no duplicated log lines after resuming
 
 
 @pytest.mark.parametrize("reuse", [True, False])  # cycled corpus, or fresh samples drawn mid-run
