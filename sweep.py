@@ -513,7 +513,7 @@ def toy_orders_study():
     bars = {"replay_min": 0.98, "no_replay_earlier_mean": 0.40}
     for r in rows:
         r["meets_bars"] = r["replay_min"] >= bars["replay_min"] and r["no_replay_earlier_mean"] <= bars["no_replay_earlier_mean"]
-    write_results("toy_continual_orders", {"study": "toy_orders", "bars": bars, "runs": rows,
+    write_results("toy_continual_orders", {"study": "toy_orders", "bars": bars, "trials": rows,
                                            "all_meet_bars": all(r["meets_bars"] for r in rows)}, toy_orders_table)
 
 
@@ -523,7 +523,7 @@ def toy_orders_table(result):
                       "no replay, earlier tasks' mean", "replay passes", "seconds", "bars met"]]
                     + [[" > ".join(r["order"]), r["seed"], per_task(r, "replay"), f"{r['replay_min']:.3f}",
                         per_task(r, "no_replay"), f"{r['no_replay_earlier_mean']:.3f}", r["replay_passes"],
-                        f"{r['seconds']:.0f}", "yes" if r["meets_bars"] else "NO"] for r in result["runs"]])
+                        f"{r['seconds']:.0f}", "yes" if r["meets_bars"] else "NO"] for r in result["trials"]])
 
 
 STUDIES = {"size": size_study, "tpp": tpp_study, "mixture": mixture_study, "lr": lr_study, "compute": compute_study,
