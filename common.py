@@ -79,6 +79,12 @@ def config_snapshot(config, keys):
     return {k: config[k] for k in keys}
 
 
+def run_end(total_steps, cooldown_from, cooldown_steps):
+    """The step a run ends at: total_steps, or cooldown_steps after the target reached at cooldown_from
+    (cooldown_from = total_steps while none is)."""
+    return min(total_steps, cooldown_from + cooldown_steps)
+
+
 def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=0.0, cooldown_from=None,
           cooldown_steps=0):
     """Linear warmup to peak_lr, then constant or cosine decay to min_lr at total_steps. A run that
@@ -87,8 +93,8 @@ def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=
     if schedule not in ("constant", "cosine"):
         raise UserError(f"--schedule={schedule!r} must be constant or cosine")
     if cooldown_from is not None and step >= cooldown_from:
-        last_step = min(total_steps, cooldown_from + cooldown_steps)
-        return lr_at(cooldown_from, total_steps, peak_lr, warmup_steps, schedule, min_lr) * (last_step - step) / (cooldown_steps + 1)
+        return (lr_at(cooldown_from, total_steps, peak_lr, warmup_steps, schedule, min_lr)
+                * (run_end(total_steps, cooldown_from, cooldown_steps) - step) / (cooldown_steps + 1))
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if schedule == "constant":

@@ -33,8 +33,8 @@ from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_com
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
                     eval_loss, eval_loss_and_kl, fingerprint, from_rank0, global_mean, input_fingerprints, kl_loss,
                     known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at, max_weight, ntp_loss,
-                    open_eval_set, pick_device, rank0_only, restore_rng, rng_state, run, save_checkpoint, set_seed,
-                    setup_distributed, shard, prepare_log)
+                    open_eval_set, pick_device, rank0_only, restore_rng, rng_state, run, run_end, save_checkpoint,
+                    set_seed, setup_distributed, shard, prepare_log)
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -153,8 +153,8 @@ class ReplayStream:
         length and temperature; a seed of its own for every chunk, so a resumed run gets the same."""
         from sample_replay import prompt_column, sample_corpus
         started = time.time()
-        fresh = sample_corpus(self.teacher, prompt_column(self.meta["prompts"]), self.meta["length"], self.meta["temperature"],
-                              self.meta["top_k"], 1024, self.meta["seed"] + 7919 * self.chunk, self.device,
+        fresh = sample_corpus(self.teacher, prompt_column(self.meta["prompts"]), self.meta["length"],
+                              self.meta["temperature"], self.meta["top_k"], 1024, self.meta["seed"] + 7919 * self.chunk, self.device,
                               progress=False).to(self.tokens.dtype)
         self.sample_seconds += time.time() - started
         return fresh
@@ -402,11 +402,10 @@ def main():
         evaluate(0, {}, t0)
     stop_reason = "target not reached" if target_val_loss or target_accuracy else "max_steps"
     # a reached target starts the cooldown (at max_steps: none), and the run ends cooldown_steps later
-    end_after = lambda cooldown_from: min(max_steps, cooldown_from + cooldown_steps)
     cooldown_from = max_steps
     if start_step and state["train_state"].get("cooldown_from") is not None:
         cooldown_from, stop_reason = state["train_state"]["cooldown_from"], state["stop_reason"]
-    last_step = end_after(cooldown_from)
+    last_step = run_end(max_steps, cooldown_from, cooldown_steps)
     pbar = tqdm(range(start_step, max_steps), desc="finetune", dynamic_ncols=True, disable=not is_main)
     for step in pbar:
         step_started = time.time()
@@ -446,12 +445,12 @@ def main():
                     tqdm.write(f"{stop_reason} on {dataset} reached" + (f"; {cooldown_steps} steps of cooldown"
                                                                          if cooldown_steps else ""))
                     cooldown_from = step + 1
-                stop = step + 1 >= end_after(cooldown_from)
+                stop = step + 1 >= run_end(max_steps, cooldown_from, cooldown_steps)
                 checkpoint(step + 1, stop, stop_reason, cooldown_from if cooldown_from < max_steps else None)
                 last_saved = (ckpt_path, step + 1)
             if cooldown_steps:  # every rank follows rank 0's schedule
                 cooldown_from = from_rank0(cooldown_from, world_size)
-            last_step = end_after(cooldown_from)
+            last_step = run_end(max_steps, cooldown_from, cooldown_steps)
             if from_rank0(stop, world_size):
                 break
     pbar.close()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    eval_loss, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
+                    eval_loss, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight, run_end,
                     ntp_loss, pick_device, rank0_only, restore_rng, rng_state, run, sample_mixture, save_checkpoint,
                     set_seed, setup_distributed, shard, prepare_log)
 from model import GPT, GPTConfig, count_parameters
@@ -166,7 +166,7 @@ def main():
     cooldown_from = total_steps
     if start_step and ckpt["train_state"].get("cooldown_from") is not None:
         cooldown_from = ckpt["train_state"]["cooldown_from"]
-    last_step = min(total_steps, cooldown_from + cooldown_steps)
+    last_step = run_end(total_steps, cooldown_from, cooldown_steps)
     for step in pbar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr,
@@ -185,7 +185,7 @@ def main():
         if (step + 1) % eval_interval == 0 or step + 1 == last_step:
             if not is_main:  # wait for rank 0's verdict on the targets
                 cooldown_from = from_rank0(0, world_size)
-                last_step = min(total_steps, cooldown_from + cooldown_steps)
+                last_step = run_end(total_steps, cooldown_from, cooldown_steps)
                 if from_rank0(False, world_size):
                     break
                 continue
@@ -200,7 +200,7 @@ def main():
             if reached and step + 1 < cooldown_from:
                 tqdm.write("target reached" + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
                 cooldown_from = step + 1
-            last_step = min(total_steps, from_rank0(cooldown_from, world_size) + cooldown_steps)
+            last_step = run_end(total_steps, from_rank0(cooldown_from, world_size), cooldown_steps)
             finished = step + 1 >= last_step
             save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
                             step=step + 1, finished=finished, inputs=inputs,
