@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -144,6 +145,35 @@ def pick_device(device):
             raise UserError("--device=mps: this machine has no Apple GPU that torch can use; use --device=cpu")
         return device
     raise UserError(f"--device={device!r} must be auto, cpu, cuda, cuda:N or mps")
+
+
+class _LinesEvery:
+    """A file for tqdm when stderr is not a terminal (a log file, a pipe): instead of a carriage-return
+    redraw per step (hundreds of KB of them in a log), one plain line every `seconds`, and the final
+    state when the bar closes."""
+
+    def __init__(self, stream, seconds):
+        self.stream, self.seconds = stream, seconds
+        self.pending, self.last = "", 0.0
+
+    def write(self, text):
+        shown = text.replace("\r", "").replace("\x1b[A", "").strip()
+        if shown:  # (tqdm also writes blanks to clear its line: nothing to show)
+            self.pending = shown
+        if self.pending and ("\n" in text or time.time() - self.last >= self.seconds):
+            self.stream.write(self.pending + "\n")
+            self.stream.flush()
+            self.pending, self.last = "", time.time()
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable, desc, disable=False, seconds=10.0):
+    """tqdm over iterable: a live bar on a terminal, a line every few seconds in a file."""
+    if disable or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=disable)
+    return tqdm(iterable, desc=desc, file=_LinesEvery(sys.stderr, seconds), ncols=100, ascii=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    eval_loss, eval_loss_and_kl, fingerprint, from_rank0, global_mean, input_fingerprints, kl_loss,
-                    known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at, max_weight, ntp_loss,
-                    open_eval_set, pick_device, rank0_only, restore_rng, rng_state, run, run_end, save_checkpoint,
-                    set_seed, setup_distributed, shard, prepare_log)
+                    eval_loss, eval_loss_and_kl, fingerprint, from_rank0, global_mean, input_fingerprints,
+                    kl_loss, known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at,
+                    max_weight, ntp_loss, open_eval_set, pick_device, progress_bar, rank0_only, restore_rng,
+                    rng_state, run, run_end, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -406,7 +406,7 @@ def main():
     if start_step and state["train_state"].get("cooldown_from") is not None:
         cooldown_from, stop_reason = state["train_state"]["cooldown_from"], state["stop_reason"]
     last_step = run_end(max_steps, cooldown_from, cooldown_steps)
-    pbar = tqdm(range(start_step, max_steps), desc="finetune", dynamic_ncols=True, disable=not is_main)
+    pbar = progress_bar(range(start_step, max_steps), "finetune", disable=not is_main)
     for step in pbar:
         step_started = time.time()
         for group in optimizer.param_groups:

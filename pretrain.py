@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    eval_loss, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight, run_end,
-                    ntp_loss, pick_device, rank0_only, restore_rng, rng_state, run, sample_mixture, save_checkpoint,
-                    set_seed, setup_distributed, shard, prepare_log)
+                    eval_loss, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at,
+                    max_weight, run_end, ntp_loss, pick_device, progress_bar, rank0_only, restore_rng,
+                    rng_state, run, sample_mixture, save_checkpoint, set_seed, setup_distributed, shard,
+                    prepare_log)
 from model import GPT, GPTConfig, count_parameters
 
 # -- I/O
@@ -161,7 +162,7 @@ def main():
     t0 = time.time()
     if is_main and start_step == 0:
         evaluate(0, None, t0)  # the untrained model, so curves start at chance
-    pbar = tqdm(range(start_step, total_steps), desc="pretrain", dynamic_ncols=True, disable=not is_main)
+    pbar = progress_bar(range(start_step, total_steps), "pretrain", disable=not is_main)
     # a reached target starts the cooldown (total_steps: none yet), and the run ends cooldown_steps later
     cooldown_from = total_steps
     if start_step and ckpt["train_state"].get("cooldown_from") is not None:
