@@ -5,23 +5,27 @@ Speed, measured side by side in one run on the same model dims:
    flash attention) against a plain nanoGPT-style baseline (eager, float32, attention through
    PyTorch's SDPA), plus the two in between; also the finetuning step with the KL replay term;
 2. sampling tokens/s: KV-cache decoding (model.generate), eager and with its compiled fixed-shape
-   decode step, against recomputing the whole prefix for every new token;
+   decode step, against recomputing the whole prefix for every new token; and sampling against a
+   teacher-forced forward pass of the same model, batch and length ("sample_vs_forward": a decode
+   step does the same work per token, so 1.0 is the goal) for the toy model, the CPU-mini text model
+   and SmolLM2-135M (when convert.py's checkpoint is there), at the batch sizes the scripts sample with;
 3. on CUDA only: causal attention forward+backward, flash (ours) vs SDPA vs naive (materialised
    T x T), at T = 256 ... 4096 with head dim 64, and the model FLOP utilisation of the training step.
 
 Prints markdown tables and writes results/bench.json (train_speedup_vs_baseline,
-sample_speedup_vs_naive, ...).
+sample_speedup_vs_naive, sample_vs_forward, ...).
 
     python bench.py                          # 4 layers, D=128, T=128, V=4096 (the CPU-mini text model)
     python bench.py --width=128 --depth=2 --head_dim=16 --block_size=14 --vocab_size=19 --batch_size=256
 """
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 import model as model_module
-from common import kl_loss, ntp_loss, pick_device, run, write_json
+from common import kl_loss, load_checkpoint, ntp_loss, pick_device, run, write_json
 from model import GPT, GPTConfig
 
 width = 128
@@ -34,6 +38,8 @@ warmup_steps = 3         # untimed steps first (compilation happens here)
 timed_steps = 30
 sample_batch = 64          # replay corpora are sampled in large batches (sample_replay.py: 1024)
 new_tokens = 128
+sample_repeats = 3         # sample_vs_forward: the median of this many timed runs of each
+smollm2_checkpoint = "out/smollm2/ckpt.pt"  # convert.py's output; without it the smollm2 row is null
 device = "auto"
 out_json = "results/bench.json"
 
@@ -113,6 +119,44 @@ def sampling_speed(dev):
     return tokens / cached_s, tokens / compiled_s, tokens / naive_s
 
 
+def sample_vs_forward(dev):
+    """{model: (sampling tokens/s, forward tokens/s)} for B sequences of T tokens: model.generate from
+    one prompt token against one teacher-forced forward pass over (B, T) tokens, same dtype. The
+    batches are the scripts': toy_continual.sh samples 4096 at a time, english_spanish.sh 512,
+    released_model.py 64."""
+    toy = GPTConfig(vocab_size=19, block_size=14, width=128, depth=2, head_dim=16)
+    text = GPTConfig(vocab_size=4096, block_size=128, width=128, depth=4, head_dim=32)
+    models = {"toy": (toy, 4096, 14), "text": (text, 512, 128), "smollm2": (smollm2_checkpoint, 64, 128)}
+    speeds = {}
+    for name, (config, batch, length) in models.items():
+        if isinstance(config, str):
+            if not os.path.exists(config):
+                print(f"{name}: {config} not found (python convert.py makes it): not measured")
+                speeds[name] = None
+                continue
+            model = load_checkpoint(config, dev)[0].eval()
+        else:
+            torch.manual_seed(0)
+            model = GPT(config).to(dev).eval()
+        x = torch.randint(0, model.config.vocab_size, (batch, length), device=dev)
+
+        def forward():
+            with torch.no_grad():
+                model(x)
+
+        def sample():
+            model.generate(x[:, :1], length - 1, generator=torch.Generator(device=dev).manual_seed(0))
+
+        tokens = batch * length
+        rates = []
+        for fn in (sample, forward):  # the median of sample_repeats timed runs, after one untimed
+            fn()
+            times = sorted(timed(fn, dev, 0, 1)[0] for _ in range(sample_repeats))
+            rates.append(tokens / times[len(times) // 2])
+        speeds[name] = tuple(rates)
+    return speeds
+
+
 def attention_speeds(dev):
     """CUDA: forward+backward milliseconds of flash vs SDPA vs naive causal attention, bf16."""
     rows = []
@@ -165,6 +209,12 @@ def main():
           f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s ({compiled / naive:.1f}x), "
           f"naive prefix recomputation {naive:,.0f} tokens/s")
 
+    ratios = sample_vs_forward(dev)
+    print("\n| model | sampling tokens/s | forward tokens/s | sampling / forward |\n|---|---|---|---|")
+    for name, r in ratios.items():
+        if r is not None:
+            print(f"| {name} | {r[0]:,.0f} | {r[1]:,.0f} | {r[0] / r[1]:.2f}x |")
+
     report = {
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads",
         "config": {k: globals()[k] for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
@@ -174,6 +224,9 @@ def main():
         "sample_tokens_per_second": {"kv_cache": cached, "kv_cache_compiled_step": compiled, "naive": naive},
         "sample_speedup_vs_naive": cached / naive,
         "sample_compiled_speedup_vs_naive": compiled / naive,
+        "sample_vs_forward": {k: None if r is None else r[0] / r[1] for k, r in ratios.items()},
+        "sample_vs_forward_tokens_per_second": {k: None if r is None else {"sample": r[0], "forward": r[1]}
+                                                for k, r in ratios.items()},
     }
     if on_cuda:
         rows = attention_speeds(dev)
