@@ -3,11 +3,16 @@ Pieces every stage of the pipeline shares, each defined once:
 command-line overrides, seeding, datasets on disk, losses, checkpoints, greedy accuracy.
 """
 import ast
+import atexit
+import contextlib
+import hashlib
 import json
 import math
 import os
 import socket
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 
@@ -62,11 +67,10 @@ def apply_overrides(config, argv):
             raise UserError(f"--{key} expects True or False, got {text!r}")
         if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if old is not None and value is not None and type(value) is not type(old):
-            if isinstance(old, str):
-                value = text  # e.g. --dataset=123 meant the string
-            else:
-                raise UserError(f"--{key} expects a {type(old).__name__}, got {text!r}")
+        if isinstance(old, str) and not isinstance(value, str):
+            value = text  # e.g. --dataset=123 meant the string (and --out_dir=None the word)
+        elif old is not None and type(value) is not type(old):
+            raise UserError(f"--{key} expects a {type(old).__name__}, got {text!r}")
         config[key] = value
 
 
@@ -99,6 +103,26 @@ def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def check_training_settings(config):
+    """Settings the training scripts share (config: a script's globals()): refuse the values that
+    would fail later with a traceback or train silently otherwise than asked."""
+    checks = [
+        (config["learning_rate"] > 0, "--learning_rate must be positive"),
+        (0 <= config.get("min_lr", 0.0) <= config["learning_rate"], "--min_lr must be between 0 and --learning_rate"),
+        (config["warmup_steps"] >= 0, "--warmup_steps must be >= 0"),
+        (0 <= config["beta1"] < 1 and 0 <= config["beta2"] < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (config["weight_decay"] >= 0, "--weight_decay must be >= 0"),
+        (config["schedule"] in ("constant", "cosine"), f"--schedule={config['schedule']!r} must be constant or cosine"),
+        (config["dtype"] in ("float32", "bfloat16"), f"--dtype={config['dtype']!r} must be float32 or bfloat16 "
+                                                     f"(float16 would need loss scaling, which these scripts do not do)"),
+        (config["batch_size"] > 0 and config["eval_interval"] > 0 and config["eval_sequences"] > 0,
+         "--batch_size, --eval_interval and --eval_sequences must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def set_seed(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -106,9 +130,20 @@ def set_seed(seed):
 
 
 def pick_device(device):
+    """--device: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N, mps."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device={device}: this machine has no CUDA GPU that torch can use; use --device=cpu")
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device=mps: this machine has no Apple GPU that torch can use; use --device=cpu")
+        return device
+    raise UserError(f"--device={device!r} must be auto, cpu, cuda, cuda:N or mps")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +178,7 @@ def finish_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        release_locks()  # os._exit skips atexit
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -166,13 +202,37 @@ def global_mean(value, world_size):
     return value
 
 
-def check_finite(record, ckpt_path, hint):
-    """Stop before a diverged model overwrites the last good checkpoint."""
+def max_weight(model):
+    return max(p.detach().abs().max().item() for p in model.parameters())
+
+
+def check_diverged(record, model, start_weight, last_saved, hint):
+    """Stop a diverging run before it writes anything: a loss that is not finite, or weights that are
+    not finite or have grown a thousandfold (a learning rate far too high can keep the loss finite
+    while the weights explode). Names the checkpoint this run saved last, if any."""
     bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    weight = max_weight(model) if model is not None else 0.0
+    if not math.isfinite(weight) or weight > 1000 * max(1.0, start_weight):
+        bad["max |weight|"] = weight
     if bad:
-        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written"
-        raise UserError(f"training diverged at step {record['step']} ({', '.join(f'{k}={v}' for k, v in bad.items())}): "
+        last = (f"the last good checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
+                else "this run wrote no checkpoint")
+        raise UserError(f"training diverged at step {record['step']} ({', '.join(f'{k}={v:.3g}' for k, v in bad.items())}): "
                         f"{hint}; {last}")
+
+
+def rank0_only(rank, world_size, action):
+    """Run action() on rank 0 alone (the rank that writes files); if it refuses with a UserError,
+    every rank stops, not only rank 0 (the others would wait for it forever)."""
+    error, result = None, None
+    if rank == 0:
+        try:
+            result = action()
+        except UserError as e:
+            error = e
+    if from_rank0(error is not None, world_size):
+        raise error or UserError("rank 0 refused to start the run: see its message")
+    return result
 
 
 def from_rank0(value, world_size):
@@ -186,10 +246,166 @@ def from_rank0(value, world_size):
 
 
 # ----------------------------------------------------------------------------------------------
+# guarding outputs: one run per output at a time, never over another run's files or its own inputs
+
+def _start_time(pid):
+    """A process' start time (Linux), so that a recycled process id is not taken for the lock holder."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Lock:
+    """An exclusive lock on an output (a run's folder, or a corpus file): a file created with O_EXCL
+    that names its process. A lock whose process is gone (killed with -9) is stale and taken over."""
+
+    def __init__(self, path, what):
+        self.path, self.what, self.held = path, what, False
+        check_writable(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is None:  # stale: its process is gone
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    continue
+                raise UserError(f"{what} is in use by process {holder.get('pid')} on {holder.get('host')}: wait for "
+                                f"it to finish or choose another output; if no such run is going, delete {path}")
+            except OSError as e:
+                raise UserError(f"cannot write to {what} ({e.strerror}): choose a writable output location") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            HELD_LOCKS.append(self)
+            return
+        raise UserError(f"could not lock {what}: delete {path} if no run is using it")
+
+    def holder(self):
+        """The process holding the lock, or None if the lock is stale."""
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # being written this instant, or torn by a crash long ago
+            return None if time.time() - os.path.getmtime(self.path) > 60 else {"pid": "?", "host": "?"}
+        if holder.get("host") != socket.gethostname():
+            return holder  # another machine's process: cannot tell, so respect it
+        pid = holder.get("pid")
+        if pid == os.getpid():
+            return None  # left by an earlier run in this same process (scripts run one at a time in it)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except (PermissionError, TypeError):
+            return holder
+        started = holder.get("started")
+        return None if started is not None and _start_time(pid) != started else holder
+
+    def release(self):
+        if self.held:
+            self.held = False
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+HELD_LOCKS = []
+
+
+@atexit.register
+def release_locks():
+    """Give back every lock this process holds: at exit, or after a script's main() run in-process."""
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()
+
+
+def remove_stale_temporaries(path):
+    """Temporary files of atomic writes (<path>.tmp<pid>, or <path><suffix>.tmp<pid>) left by a killed
+    process. Called while holding the output's lock, so none of them can belong to a live writer."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        if entry.startswith(name) and ".tmp" in entry[len(name):]:
+            os.remove(os.path.join(folder, entry))
+
+
+def claim_out_dir(out_dir, resume, overwrite, inputs):
+    """Lock a run's output folder, after checking that the run may write there: never where one of
+    its inputs lives (inputs: paths of files the run reads), and a fresh run never over another run's
+    outputs unless --overwrite=True (which then removes them). Returns the lock."""
+    if not out_dir or out_dir == "None":
+        raise UserError("--out_dir is empty: name the folder the run writes to, e.g. --out_dir=out/run1")
+    here = os.path.abspath(out_dir)
+    for path in inputs:
+        if path and os.path.abspath(os.path.dirname(path)) == here:
+            raise UserError(f"--out_dir={out_dir} holds the input {path}, which this run would overwrite or mix "
+                            f"with: choose another --out_dir")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file: choose a folder")
+    lock = Lock(os.path.join(out_dir, ".lock"), f"--out_dir={out_dir}")
+    for name in ("ckpt.pt", "log.jsonl"):
+        remove_stale_temporaries(os.path.join(out_dir, name))
+    found = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if found and not resume:
+        if not overwrite:
+            lock.release()
+            raise UserError(f"{out_dir} already holds a run ({', '.join(found)}): continue it with --resume=True, "
+                            f"choose another --out_dir, or replace it with --overwrite=True")
+        for f in found:
+            os.remove(os.path.join(out_dir, f))
+    return lock
+
+
+def check_writable(path):
+    """Fail before the work, not after it, when an output cannot be written: try it (permission bits
+    say little when running as root, or on a read-only mount)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        if not os.path.isdir(probe):
+            raise NotADirectoryError
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise UserError(f"cannot write {path}: {probe} is not a writable folder; choose another output path") from None
+
+
+def fingerprint(path):
+    """Size and SHA-256 of a file: what a resumed run checks its inputs against (content, not path,
+    so moving identical files elsewhere is fine)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def dataset_files(name):
+    """The files a dataset (or corpus:<path>) is read from."""
+    if name.startswith("corpus:"):
+        return [name[len("corpus:"):]]
+    folder = name if os.path.isabs(name) else os.path.join(DATA_DIR, name)
+    return [os.path.join(folder, f) for f in ("meta.json", "train.bin", "val.bin")]
+
+
+def input_fingerprints(inputs):
+    """{role: [fingerprint of each file]} for the files a run reads (role: e.g. init_from, dataset)."""
+    return {role: [fingerprint(p) for p in paths] for role, paths in inputs.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # resuming: a checkpoint also carries what is needed to continue bit for bit (optimizer state, the
 # random generators, the step). `--resume=True` continues from out_dir/ckpt.pt.
 
-RESUME_MAY_CHANGE = {"resume", "device", "compile", "eval_interval", "eval_sequences", "out_dir"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "device", "compile", "eval_interval", "eval_sequences", "out_dir"}
 
 
 def rng_state(rng):
@@ -201,19 +417,28 @@ def restore_rng(rng, state):
     torch.set_rng_state(state["torch"])
 
 
-def load_for_resume(path, run_config):
+def load_for_resume(path, run_config, inputs=None, input_settings=()):
     """The checkpoint to continue from, or None to start fresh. Refuses to continue a run whose
-    settings differ (other than those in RESUME_MAY_CHANGE): that would not be the same run."""
+    settings differ (other than those in RESUME_MAY_CHANGE), or whose input files (inputs: from
+    input_fingerprints) are not the ones it started with: that would not be the same run. Settings
+    that name input files (input_settings) are compared by the files' content, not their path."""
     if not os.path.exists(path):
         print(f"--resume: no checkpoint at {path}, starting from scratch")
         return None
     ckpt = load_checkpoint_dict(path)
     if "train_state" not in ckpt and not ckpt.get("finished"):
         raise UserError(f"{path} has no training state to resume from: delete it or drop --resume")
-    changed = sorted(k for k in run_config if k not in RESUME_MAY_CHANGE and ckpt["config"].get(k) != run_config[k])
+    by_content = set(input_settings) if "inputs" in ckpt else set()
+    changed = sorted(k for k in run_config if k not in RESUME_MAY_CHANGE | by_content
+                     and ckpt["config"].get(k) != run_config[k])
     if changed:
         old = ", ".join(f"{k}={ckpt['config'].get(k)!r}" for k in changed)
         raise UserError(f"cannot resume {path}: it was run with {old}; pass the same settings or use a new --out_dir")
+    for role, prints in (inputs or {}).items():
+        if "inputs" in ckpt and ckpt["inputs"].get(role) != prints:
+            raise UserError(f"cannot resume {path}: its input {role} ({run_config.get(role, role)}) is not the file "
+                            f"the run started from (other size or content): restore that file, or start over with "
+                            f"a new --out_dir")
     return ckpt
 
 
@@ -280,8 +505,20 @@ def append_jsonl(path, record):
 
 
 def read_jsonl(path):
+    """The records of a log. A torn last line (a crash or a full disk mid-write) is dropped; a bad
+    line anywhere else means the file is not a log."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                print(f"warning: dropped the torn last line of {path}", file=sys.stderr)
+                break
+            raise UserError(f"{path} line {i + 1} is not JSON: it is not a log written by these scripts") from None
+    return records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,17 +540,28 @@ class Dataset:
         if not os.path.exists(meta_path):
             raise UserError(f"{meta_path} not found: run the prepare.py script of that dataset first "
                             f"(e.g. python data/arithmetic/prepare.py)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.row_len = self.meta.get("row_len")
-        self.dataset_token = self.meta["dataset_token"]
+        redo = f"re-run the prepare.py script of {name}"
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            self.row_len = self.meta.get("row_len")
+            self.dataset_token, vocab_size = int(self.meta["dataset_token"]), int(self.meta["vocab_size"])
+            dtype = np.dtype(self.meta.get("token_dtype", "uint16"))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            problem = f"has no {e}" if isinstance(e, KeyError) else f"is not a valid meta.json ({type(e).__name__})"
+            raise UserError(f"{meta_path} {problem}: {redo}") from None
         self.splits = {}
         for split in ("train", "val"):
             path = os.path.join(self.dir, f"{split}.bin")
             if not os.path.exists(path) or os.path.getsize(path) == 0:
-                raise UserError(f"{path} is missing or empty: re-run the prepare.py script of {name}")
+                raise UserError(f"{path} is missing or empty: {redo}")
+            if os.path.getsize(path) % dtype.itemsize:
+                raise UserError(f"{path} is truncated (not a whole number of {dtype} token ids): {redo}")
             # uint16 ids unless the vocabulary is larger (a released model's, e.g. Llama 3's 128k)
-            tokens = np.fromfile(path, dtype=np.dtype(self.meta.get("token_dtype", "uint16")))
+            tokens = np.fromfile(path, dtype=dtype)
+            if tokens.min() < 0 or tokens.max() >= vocab_size:
+                raise UserError(f"{path} holds token ids outside 0..{vocab_size - 1} (its meta.json's vocab_size): "
+                                f"{redo}")
             if self.row_len:
                 if len(tokens) % self.row_len:
                     raise UserError(f"{path} is truncated (not a whole number of {self.row_len}-token rows): "
@@ -324,6 +572,13 @@ class Dataset:
     @property
     def short_name(self):
         return self.name.rstrip("/").split("/")[-1]
+
+    def check_length(self, block_size):
+        """A text dataset must hold at least one window of block_size tokens in each split."""
+        for split, tokens in self.splits.items():
+            if not self.row_len and len(tokens) < block_size:
+                raise UserError(f"{self.dir}/{split}.bin holds {len(tokens)} tokens, fewer than one window of "
+                                f"{block_size}: use a smaller --block_size or more data")
 
     def seq_len(self, block_size):
         return self.row_len or block_size
@@ -363,6 +618,9 @@ class CorpusSet:
         self.dir = path
         self.short_name = os.path.basename(path).removesuffix(".pt")
 
+    def check_length(self, block_size):
+        pass  # a corpus' rows have a fixed length, checked against the model by check_compatible
+
     def eval_batches(self, split, batch_size, block_size, max_sequences):
         rows = self.tokens[:max_sequences]
         for i in range(0, len(rows), batch_size):
@@ -385,7 +643,24 @@ def load_corpus(path):
         raise UserError(f"{path} is not a replay corpus written by sample_replay.py: re-sample it") from None
     if tokens.ndim != 2 or len(tokens) == 0:
         raise UserError(f"replay corpus {path} holds no sequences: re-sample it")
+    if tokens.size(1) < 2:
+        raise UserError(f"replay corpus {path} holds sequences of {tokens.size(1)} token: training needs at least 2 "
+                        f"(a prompt and a next token); re-sample it with --length=2 or more")
+    vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if vocab_size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise UserError(f"replay corpus {path} holds token ids outside 0..{vocab_size - 1}: re-sample it")
     return tokens.long(), meta
+
+
+def check_short_names(sets):
+    """Results and log keys name a dataset by its last part (val_loss/en): two datasets with one
+    short name would overwrite each other, so refuse them."""
+    seen = {}
+    for d in sets:
+        if seen.get(d.short_name, d.name) != d.name:
+            raise UserError(f"{seen[d.short_name]} and {d.name} share the short name {d.short_name!r}, under which "
+                            f"results are reported: evaluate them in separate runs, or rename one folder")
+        seen[d.short_name] = d.name
 
 
 def sample_mixture(datasets, fractions, batch_size, block_size, rng, split="train"):

@@ -43,20 +43,20 @@ started_at=$(date +%s)
 
 run() { echo "+ $*"; "$@"; }
 
-# Every stage is skipped when its output exists, so an interrupted run continues where it stopped
-# (delete $OUT to start over).
+# Every training stage runs with --resume=True: a finished run is skipped, an interrupted one
+# continues where it stopped, a missing one starts (delete $OUT to start over). A corpus file
+# appears only when complete, so an existing one is kept.
 [ -f data/bible/es/meta.json ] || run python data/bible/prepare.py
-[ -f $OUT/pretrain_en/ckpt.pt ] || run python pretrain.py --datasets=bible/en --eval_datasets=bible/es \
+run python pretrain.py --datasets=bible/en --eval_datasets=bible/es \
     "${MODEL[@]}" "${PRETRAIN[@]}" --learning_rate=3e-3 --schedule=cosine --warmup_steps=200 \
-    --eval_interval=250 --eval_sequences=256 --out_dir=$OUT/pretrain_en
+    --eval_interval=250 --eval_sequences=256 --out_dir=$OUT/pretrain_en --resume=True
 [ -f $OUT/replay_en.pt ] || run python sample_replay.py --init_from=$OUT/pretrain_en/ckpt.pt --prompts=bible/en \
-    --num_samples=$REPLAY_SAMPLES --batch_size=512 --out=$OUT/replay_en.pt
+    --num_samples=$REPLAY_SAMPLES --batch_size=512 --out=$OUT/replay_en.pt --resume=True
 
 finetune() {  # name, then extra finetune.py arguments
     local name=$1; shift
-    if [ -f $OUT/$name/ckpt.pt ]; then echo "= $name done, skipping"; return; fi
     run python finetune.py --init_from=$OUT/pretrain_en/ckpt.pt --dataset=bible/es --out_dir=$OUT/$name \
-        "${FT[@]}" --learning_rate=$LR --eval_interval=20 --eval_sequences=256 --eval_kl=True "$@"
+        "${FT[@]}" --learning_rate=$LR --eval_interval=20 --eval_sequences=256 --eval_kl=True --resume=True "$@"
 }
 # The Spanish target is the validation loss standard finetuning reaches in STANDARD_STEPS steps;
 # every other method trains until it reaches the same loss (or gives up after MAX_STEPS), and is
@@ -75,7 +75,7 @@ finetune ntp_real --replay=ntp --replay_coeff=$COEFF "${REAL[@]}" "${UNTIL[@]}"
 finetune lwf      --lwf_coeff=$COEFF "${UNTIL[@]}"
 # the same NTP self-replay with reuse: a corpus of REPLAY_BATCH x 64 sequences, cycled (the old protocol)
 [ -f $OUT/replay_en_small.pt ] || run python sample_replay.py --init_from=$OUT/pretrain_en/ckpt.pt \
-    --prompts=bible/en --num_samples=$((64 * REPLAY_BATCH)) --batch_size=512 --seed=7 --out=$OUT/replay_en_small.pt
+    --prompts=bible/en --num_samples=$((64 * REPLAY_BATCH)) --batch_size=512 --seed=7 --out=$OUT/replay_en_small.pt --resume=True
 finetune ntp_self_reused --replay=ntp --replay_coeff=$COEFF --replay_source=$OUT/replay_en_small.pt \
     --replay_batch_size=$REPLAY_BATCH --replay_reuse=True "${UNTIL[@]}"
 

@@ -19,8 +19,9 @@ the target, linearly interpolated between the two evaluations around it.
 import os
 import time
 
-from common import (UserError, answer_accuracy, atomic_write_text, check_compatible, eval_loss, eval_loss_and_kl,
-                    load_checkpoint, open_eval_set, pick_device, read_jsonl, run, write_json)
+from common import (UserError, answer_accuracy, atomic_write_text, check_compatible, check_short_names, check_writable,
+                    eval_loss, eval_loss_and_kl, load_checkpoint, open_eval_set, pick_device, read_jsonl, run,
+                    write_json)
 from model import GPTConfig
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
@@ -97,9 +98,13 @@ def at_target(records, key, target):
 
 def compare_at_matched_loss():
     key, _, target = match.partition("=")
-    if not key or not target:
+    try:
+        target = float(target)
+    except ValueError:
+        key = ""
+    if not key:
         raise UserError(f"--match={match!r} must be key=target, e.g. val_loss/es=4.744")
-    target = float(target)
+    check_outputs()
     rows, named = {}, parse_named(logs, "--logs")
     for name, path in named.items():
         if not os.path.exists(path):
@@ -138,15 +143,24 @@ def matched_table(rows, key, target):
     return "\n".join(lines)
 
 
+def check_outputs():
+    """Fail before the measuring, not after it, if the report cannot be written."""
+    for path in (out_json, out_md):
+        if path:
+            check_writable(path)
+
+
 def main():
     if logs:
         return compare_at_matched_loss()
+    check_outputs()
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
-    models, steps = {}, {}
+    models, steps, ckpts = {}, {}, {}
     for name, path in named.items():
         models[name], ckpt = load_checkpoint(path, dev)
+        ckpts[path] = ckpt
         steps[name] = {"step": ckpt.get("step"), "stop_reason": ckpt.get("stop_reason"),
                        "replay_passes": ckpt.get("replay_passes")}  # None: a checkpoint older than the count
         models[name].eval()
@@ -158,8 +172,11 @@ def main():
     if not names:
         raise UserError("no datasets to evaluate: pass --datasets=name1,name2")
     data = [open_eval_set(n) for n in names]
-    for d in data:
-        check_compatible(d.meta, first_ckpt["model_config"], d.dir, first_ckpt)
+    check_short_names(data)
+    for path, ckpt in [(reference, ref_ckpt), *ckpts.items()]:
+        for d in data if ckpt is not None else []:  # every model must read every dataset's tokens
+            check_compatible(d.meta, ckpt["model_config"], f"{d.dir} (for {path})", ckpt)
+            d.check_length(block_size or ckpt["model_config"]["block_size"])
 
     results = {}
     if ref_model is not None:

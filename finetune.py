@@ -29,10 +29,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_finite,
-                    config_snapshot, eval_loss, eval_loss_and_kl, from_rank0, global_mean, kl_loss, known_tokenizers,
-                    load_checkpoint, load_corpus, load_for_resume, lr_at, ntp_loss, run_end, open_eval_set, pick_device,
-                    restore_rng, rng_state, run, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
+from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
+                    check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
+                    eval_loss, eval_loss_and_kl, fingerprint, from_rank0, global_mean, input_fingerprints, kl_loss,
+                    known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at, max_weight, ntp_loss,
+                    open_eval_set, pick_device, rank0_only, restore_rng, rng_state, run, run_end, save_checkpoint,
+                    set_seed, setup_distributed, shard, prepare_log)
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -77,7 +79,8 @@ device = "auto"
 compile = False
 dtype = "float32"
 seed = 1337
-resume = False                   # continue from out_dir/ckpt.pt (same settings) instead of starting over
+resume = False                   # continue from out_dir/ckpt.pt (same settings and inputs) instead of starting over
+overwrite = False                # a fresh run into a folder holding another run's outputs replaces them
 
 SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (int, float, str, bool))]
 
@@ -99,6 +102,7 @@ class ReplayStream:
         if source.startswith("data:"):
             self.dataset = Dataset(source[len("data:"):])
             check_compatible(self.dataset.meta, model_config, self.dataset.dir, ckpt)
+            self.dataset.check_length(block_size)
             self.description = f"real {self.dataset.name}"
             train = self.dataset.splits["train"]  # toy rows, or a token stream cut into windows
             self.capacity = len(train) if self.dataset.row_len else len(train) / block_size
@@ -122,8 +126,14 @@ class ReplayStream:
             raise UserError(f"replay corpus {source} has sequences of {self.tokens.size(1)} tokens, more than the "
                             f"checkpoint's block_size {model_config['block_size']}: re-sample it from this checkpoint")
         self.capacity = len(self.tokens)
+        if batch_size > self.capacity:
+            raise UserError(f"--replay_batch_size={batch_size} is larger than replay corpus {source} "
+                            f"({self.capacity:,} sequences): sample more or lower --replay_batch_size")
         # more can be sampled only from the model the corpus came from, which is the frozen teacher
-        from_teacher = meta.get("source_checkpoint") == os.path.abspath(init_from) and "prompts" in meta
+        # (the same file content: the path may have moved)
+        source_sha = meta.get("source_sha256")
+        from_teacher = "prompts" in meta and (fingerprint(init_from)["sha256"] == source_sha if source_sha
+                                              else meta.get("source_checkpoint") == os.path.abspath(init_from))
         self.teacher, self.device = teacher if from_teacher else None, device
         if needed > self.capacity and not reuse and self.teacher is None:
             raise UserError(f"replay corpus {source} has {self.capacity:,} sequences, but {max_steps} steps x "
@@ -260,17 +270,19 @@ def main():
     rank, world_size, dev = setup_distributed(pick_device(device))
     is_main = rank == 0
     rng = set_seed(seed)
+    check_training_settings(globals())
     if replay not in ("none", "kl", "ntp"):
         raise UserError(f"--replay={replay!r} must be none, kl or ntp")
     if min(replay_coeff, lwf_coeff, mix_fraction) < 0 or mix_fraction >= 1:
         raise UserError("--replay_coeff and --lwf_coeff must be >= 0 and --mix_fraction in [0, 1)")
-    if lora_rank < 0:
-        raise UserError(f"--lora_rank={lora_rank} must be >= 0")
-    if max_steps <= 0 or batch_size <= 0 or eval_interval <= 0 or replay_batch_size < 0 or learning_rate <= 0:
-        raise UserError("--max_steps, --batch_size, --eval_interval and --learning_rate must be positive")
+    if mix_fraction > 0 and not mix_dataset:
+        raise UserError(f"--mix_fraction={mix_fraction} needs --mix_dataset (the real old data to mix in)")
+    if lora_rank < 0 or lora_alpha < 0:
+        raise UserError("--lora_rank and --lora_alpha must be >= 0 (alpha 0 = the rank)")
+    if max_steps <= 0 or replay_batch_size < 0 or min(cooldown_steps, target_val_loss, target_accuracy) < 0:
+        raise UserError("--max_steps must be positive; --replay_batch_size, --cooldown_steps and the targets >= 0")
     if replay != "none" and not replay_source:
         raise UserError(f"--replay={replay} needs --replay_source (a corpus from sample_replay.py or data:<dataset>)")
-    lr_at(0, 1, learning_rate, warmup_steps, schedule)  # validates --schedule
 
     student, ckpt = load_checkpoint(init_from, dev)
     teacher, _ = load_checkpoint(init_from, dev)
@@ -286,11 +298,11 @@ def main():
     check_compatible(new_data.meta, model_config, new_data.dir, ckpt)
     names = list(dict.fromkeys(list(data_meta) + [dataset] + [n for n in eval_datasets.split(",") if n]))
     tracked = {name: new_data if name == dataset else open_eval_set(name) for name in names}
-    for d in tracked.values():
-        check_compatible(d.meta, model_config, d.dir, ckpt)
     mix = Dataset(mix_dataset) if mix_fraction > 0 else None
-    if mix is not None:
-        check_compatible(mix.meta, model_config, mix.dir, ckpt)
+    for d in [*tracked.values(), *([mix] if mix else [])]:
+        check_compatible(d.meta, model_config, d.dir, ckpt)
+        d.check_length(T)
+    check_short_names(tracked.values())
     # replay draws from its own random stream, so adding replay (even with coeff 0) leaves the
     # sequence of new-data batches unchanged: runs differ only by the regulariser
     replay_rng = np.random.default_rng(seed + 1)
@@ -316,8 +328,17 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log_path = os.path.join(out_dir, "log.jsonl")
     run_config = config_snapshot(globals(), SETTINGS)
+    # what the run reads, by content: a resumed run must find the same files (wherever they now are)
+    corpus = replay_source if replay != "none" and not replay_source.startswith("data:") else ""
+    input_files = {"init_from": [init_from], "replay_source": [corpus] if corpus else
+                   dataset_files(replay_source[len("data:"):]) if replay != "none" else [],
+                   "datasets": [f for name in names + ([mix_dataset] if mix else []) for f in dataset_files(name)]}
+    inputs = input_fingerprints(input_files)
+    # one run per folder: lock it, never write where an input lives, never replace another run unasked
+    rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite,
+                                                        [p for paths in input_files.values() for p in paths]))
     start_step = 0
-    if resume and (state := load_for_resume(ckpt_path, run_config)) is not None:
+    if resume and (state := load_for_resume(ckpt_path, run_config, inputs, ("init_from", "replay_source"))) is not None:
         if state.get("finished"):
             print(f"{ckpt_path} is a finished run ({state['step']} steps): nothing to do")
             return
@@ -359,6 +380,7 @@ def main():
             if "answer_start" in d.meta:
                 record[f"accuracy/{d.short_name}"] = answer_accuracy(student, d, max_sequences=eval_sequences, device=dev)
         student.train()
+        check_diverged(record, student, start_weight, last_saved, "lower --learning_rate or --replay_coeff")
         append_jsonl(log_path, record)
         return record
 
@@ -370,9 +392,11 @@ def main():
         passes = max(replay_stream.passes if replay_stream else 0, ckpt.get("replay_passes", 0))
         save_checkpoint(ckpt_path, student, state_dict=plain_state_dict(student), data=data, config=run_config,
                         step=step, finished=finished, stop_reason=stop_reason, parent=os.path.abspath(init_from),
-                        replay_passes=passes,
+                        replay_passes=passes, inputs=inputs,
                         train_state=train_state, **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
 
+    # a diverging run is stopped before it logs or saves anything, naming the last good checkpoint
+    start_weight, last_saved = max_weight(student), (ckpt_path, start_step) if start_step else None
     t0 = time.time()
     if is_main and start_step == 0:
         evaluate(0, {}, t0)
@@ -398,7 +422,8 @@ def main():
         with autocast:
             loss, parts = step_objective(x_new, x_replay)
         if not torch.isfinite(loss):
-            check_finite({"step": step, "loss": loss.item()}, ckpt_path, "lower --learning_rate or --replay_coeff")
+            check_diverged({"step": step, "loss": loss.item()}, None, 0.0, last_saved,
+                           "lower --learning_rate or --replay_coeff")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -411,8 +436,7 @@ def main():
         if (step + 1) % eval_interval == 0 or step + 1 == last_step:
             stop = False
             if is_main:
-                record = evaluate(step + 1, parts, t0)
-                check_finite(record, ckpt_path, "lower --learning_rate or --replay_coeff")
+                record = evaluate(step + 1, parts, t0)  # checked for divergence before it is logged
                 tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
                 reached_loss = bool(target_val_loss) and record[f"val_loss/{new_data.short_name}"] <= target_val_loss
                 reached_accuracy = bool(target_accuracy) and record.get(f"accuracy/{new_data.short_name}", 0) >= target_accuracy
@@ -423,6 +447,7 @@ def main():
                     cooldown_from = step + 1
                 stop = step + 1 >= run_end(max_steps, cooldown_from, cooldown_steps)
                 checkpoint(step + 1, stop, stop_reason, cooldown_from if cooldown_from < max_steps else None)
+                last_saved = (ckpt_path, step + 1)
             if cooldown_steps:  # every rank follows rank 0's schedule
                 cooldown_from = from_rank0(cooldown_from, world_size)
             last_step = run_end(max_steps, cooldown_from, cooldown_steps)

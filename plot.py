@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
-from common import UserError, read_jsonl, run
+from common import UserError, check_writable, read_jsonl, run
 
 figure = "toy_continual"        # "toy_continual" or "frontier"
 out = "results/toy_continual.png"
@@ -43,7 +43,23 @@ ARM_TITLES = {"no_replay": "no replay", "replay": "self-generated replay"}
 def read_log(path):
     if not os.path.exists(path):
         raise UserError(f"log {path} not found: run the stage that writes it first")
-    return read_jsonl(path)
+    records = read_jsonl(path)
+    if not records:
+        raise UserError(f"log {path} is empty: run (or resume) the stage that writes it")
+    return records
+
+
+def read_results(path):
+    if not os.path.exists(path):
+        raise UserError(f"--results={path!r} not found: run python sweep.py --study={figure[6:]} first")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except ValueError:
+        raise UserError(f"{path} is not valid JSON: run python sweep.py --study={figure[6:]} again") from None
+    if not isinstance(result, dict) or result.get("study") != figure[6:]:
+        raise UserError(f"{path} is not the results of sweep.py --study={figure[6:]}: run it again")
+    return result
 
 
 def toy_continual_figure():
@@ -279,14 +295,13 @@ def main():
     elif figure == "frontier":
         fig = frontier_figure()
     elif figure in SWEEP_FIGURES:
-        if not os.path.exists(results):
-            raise UserError(f"--results={results!r} not found: run python sweep.py --study={figure[6:]} first")
-        fig = SWEEP_FIGURES[figure](json.load(open(results)))
+        fig = SWEEP_FIGURES[figure](read_results(results))
     else:
         raise UserError(f"--figure={figure!r} must be toy_continual, frontier or one of {', '.join(SWEEP_FIGURES)}")
+    check_writable(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
+    tmp = f"{out}.tmp{os.getpid()}.png"
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, out)
     print(f"wrote {out}")

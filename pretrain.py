@@ -18,10 +18,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_finite,
-                    config_snapshot, eval_loss, from_rank0, global_mean, load_for_resume, lr_at, run_end, ntp_loss,
-                    pick_device, restore_rng, rng_state, run, sample_mixture, save_checkpoint, set_seed,
-                    setup_distributed, shard, prepare_log)
+from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
+                    check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
+                    eval_loss, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight, run_end,
+                    ntp_loss, pick_device, rank0_only, restore_rng, rng_state, run, sample_mixture, save_checkpoint,
+                    set_seed, setup_distributed, shard, prepare_log)
 from model import GPT, GPTConfig, count_parameters
 
 # -- I/O
@@ -57,7 +58,8 @@ eval_sequences = 1024            # validation sequences per dataset for loss (an
 # -- system
 device = "auto"                  # "auto" = cuda if available, else cpu
 compile = False                  # torch.compile the training step (measured: see README)
-resume = False                   # continue from out_dir/ckpt.pt (same settings) instead of starting over
+resume = False                   # continue from out_dir/ckpt.pt (same settings and inputs) instead of starting over
+overwrite = False                # a fresh run into a folder holding another run's outputs replaces them
 dtype = "float32"                # "bfloat16" = autocast matmuls to bf16
 seed = 1337
 
@@ -79,17 +81,23 @@ def main():
     row_lens = {d.row_len for d in data}
     if len(row_lens) > 1:
         raise UserError(f"datasets {names} mix row lengths {row_lens}: use datasets of one layout")
-    if (min(batch_size, warmup_steps + 1, eval_interval, eval_sequences) <= 0
-            or min(max_steps, max_tokens, tokens_per_param, cooldown_steps) < 0):
-        raise UserError("--batch_size, --eval_interval and --eval_sequences must be positive, "
-                        "--warmup_steps, --max_steps, --max_tokens, --tokens_per_param and --cooldown_steps non-negative")
-    lr_at(0, 1, learning_rate, warmup_steps, schedule)  # validates --schedule before anything runs
+    check_training_settings(globals())
+    if min(max_steps, max_tokens, tokens_per_param, block_size, cooldown_steps) < 0:
+        raise UserError("--max_steps, --max_tokens, --tokens_per_param, --block_size and --cooldown_steps must be >= 0")
+    if min(width, depth, head_dim) < 1:
+        raise UserError("--width, --depth and --head_dim must be positive")
     T = block_size or data[0].row_len or 256
-    config = GPTConfig(vocab_size=data[0].meta["vocab_size"], block_size=T, width=width, depth=depth, head_dim=head_dim)
-    for d in data:
-        check_compatible(d.meta, config.to_dict(), d.dir)
-    seq_len = data[0].seq_len(T)
+    try:
+        config = GPTConfig(vocab_size=data[0].meta["vocab_size"], block_size=T, width=width, depth=depth,
+                           head_dim=head_dim)
+    except ValueError as e:
+        raise UserError(f"{e}: choose --width a multiple of an even --head_dim") from None
     extra = [Dataset(n) for n in eval_datasets.split(",") if n and n not in names]
+    for d in data + extra:
+        check_compatible(d.meta, config.to_dict(), d.dir)
+        d.check_length(T)
+    check_short_names(data + extra)
+    seq_len = data[0].seq_len(T)
 
     model = GPT(config).to(dev)
     n_actual, n_paper = count_parameters(model)
@@ -107,8 +115,12 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log_path = os.path.join(out_dir, "log.jsonl")
     run_config = config_snapshot(globals(), SETTINGS)
+    input_files = [f for d in data + extra for f in dataset_files(d.name)]
+    inputs = input_fingerprints({"datasets": input_files})
+    # one run per folder: lock it, and never replace another run's outputs unasked
+    rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite, input_files))
     start_step = 0
-    if resume and (ckpt := load_for_resume(ckpt_path, run_config)) is not None:
+    if resume and (ckpt := load_for_resume(ckpt_path, run_config, inputs)) is not None:
         if ckpt.get("finished"):
             print(f"{ckpt_path} is a finished run ({ckpt['step']} steps): nothing to do")
             return
@@ -140,9 +152,12 @@ def main():
             if "answer_start" in d.meta:
                 record[f"accuracy/{d.short_name}"] = answer_accuracy(model, d, max_sequences=eval_sequences, device=dev)
         model.train()
+        check_diverged(record, model, start_weight, last_saved, "lower --learning_rate")
         append_jsonl(log_path, record)
         return record
 
+    # a diverging run is stopped before it logs or saves anything, naming the last good checkpoint
+    start_weight, last_saved = max_weight(model), (ckpt_path, start_step) if start_step else None
     t0 = time.time()
     if is_main and start_step == 0:
         evaluate(0, None, t0)  # the untrained model, so curves start at chance
@@ -160,7 +175,7 @@ def main():
         with autocast:
             loss = ntp_loss(train_model(x), x)
         if not torch.isfinite(loss):
-            check_finite({"step": step, "train_loss": loss.item()}, ckpt_path, "lower --learning_rate")
+            check_diverged({"step": step, "train_loss": loss.item()}, None, 0.0, last_saved, "lower --learning_rate")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,8 +189,8 @@ def main():
                 if from_rank0(False, world_size):
                     break
                 continue
-            record = evaluate(step + 1, train_loss, t0)
-            check_finite(record, ckpt_path, "lower --learning_rate")
+            record = evaluate(step + 1, train_loss, t0)  # checked for divergence before it is logged
+
             tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
             trained = [d.short_name for d in data]
             val_losses = [record[f"val_loss/{n}"] for n in trained]
@@ -188,9 +203,10 @@ def main():
             last_step = run_end(total_steps, from_rank0(cooldown_from, world_size), cooldown_steps)
             finished = step + 1 >= last_step
             save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
-                            step=step + 1, finished=finished,
+                            step=step + 1, finished=finished, inputs=inputs,
                             train_state={"optimizer": optimizer.state_dict(), "rng": rng_state(rng),
                                          "cooldown_from": cooldown_from if cooldown_from < total_steps else None})
+            last_saved = (ckpt_path, step + 1)
             if from_rank0(finished, world_size):
                 break
     pbar.close()

@@ -132,8 +132,8 @@ def main():
         if target is not None:
             args = {**args, "target_val_loss": target, "max_steps": max_steps}
         if not finished(out_dir):
-            resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
-            launch("finetune.py", {**common_args, **args, "out_dir": out_dir, "resume": resume}, f"finetune_{name}")
+            # resume: continues an interrupted run (or starts one where there is none)
+            launch("finetune.py", {**common_args, **args, "out_dir": out_dir, "resume": True}, f"finetune_{name}")
         if name == "standard":
             target = read_jsonl(os.path.join(out_dir, "log.jsonl"))[-1]["val_loss/es"]
             print(f"Spanish target: {target:.4f} (standard finetuning after {standard_steps} steps)")

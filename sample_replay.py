@@ -19,7 +19,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_torch_save, known_tokenizers, load_checkpoint, pick_device, run, set_seed
+from common import (Lock, UserError, atomic_torch_save, fingerprint, known_tokenizers, load_checkpoint, pick_device,
+                    remove_stale_temporaries, run, set_seed)
 
 init_from = "out/pretrain_add/ckpt.pt"
 out = "out/replay_add.pt"
@@ -32,16 +33,25 @@ length = 0                       # tokens per sequence including the prompt; 0 =
 device = "auto"
 compile = False                  # compile the fixed-shape decode step (a CUDA graph on GPU): for long runs
 seed = 1337
-resume = False                   # continue from <out>.partial, written after every batch
+resume = False                   # continue from <out>.partial, written after every batch (same settings)
+overwrite = False                # replace an existing corpus at --out
 
 
-def parse_prompts(spec, data_meta, bos=None):
+def parse_prompts(spec, data_meta, vocab_size, bos=None):
     """'arithmetic/add:0.5,7' -> [(name, token, share)], shares normalised to sum to 1."""
     parsed = []
     for item in [p for p in spec.split(",") if p]:
-        name, _, share = item.partition(":")
+        name, colon, share_text = item.partition(":")
+        try:
+            share = float(share_text) if colon else 1.0
+        except ValueError:
+            share = float("nan")
+        if not share > 0 or share == float("inf"):
+            raise UserError(f"--prompts item {item!r}: the share after ':' must be a positive number")
         if name.isdigit():
             token = int(name)
+            if token >= vocab_size:
+                raise UserError(f"--prompts: token id {token} is outside the model's vocabulary (0..{vocab_size - 1})")
         elif name == "bos" and bos is not None:
             token = bos
         elif name in data_meta:
@@ -50,7 +60,7 @@ def parse_prompts(spec, data_meta, bos=None):
             known = ", ".join(sorted(data_meta)) or "none"
             raise UserError(f"prompt {name!r} is neither a token id nor a dataset this checkpoint was trained on "
                             f"(known: {known})")
-        parsed.append((name, token, float(share) if share else 1.0))
+        parsed.append((name, token, share))
     if not parsed:
         raise UserError("--prompts is empty: give at least one dataset name or token id")
     total = sum(s for _, _, s in parsed)
@@ -64,17 +74,28 @@ def prompt_column(prompts):
 
 
 def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device, partial_path=None,
-                  progress=True):
+                  progress=True, partial_source=None):
     """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
     seed. With partial_path, progress is saved after every batch (tokens so far + the generator's
     state), and an existing partial file is continued: a killed run loses at most one batch and
-    its result equals an uninterrupted run's."""
+    its result equals an uninterrupted run's. partial_source: the checkpoint file, whose content a
+    continued partial file must come from."""
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
+    # everything that decides the samples: a resume with other settings would mix two corpora
+    settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size, "seed": seed,
+                "model_sha256": fingerprint(partial_source)["sha256"] if partial_source else None}
     if partial_path and os.path.exists(partial_path):
-        partial = torch.load(partial_path, weights_only=True)
-        if partial["batch_size"] != batch_size or partial["seed"] != seed or not torch.equal(partial["prompts"], prompt_tokens):
-            raise UserError(f"{partial_path} belongs to a run with other settings: delete it or use the same settings")
+        try:
+            partial = torch.load(partial_path, weights_only=True)
+            same = partial.get("settings") == settings and torch.equal(partial["prompts"], prompt_tokens)
+        except Exception:
+            raise UserError(f"{partial_path} is damaged: delete it and sample again") from None
+        if not same:
+            what = ("another model" if partial.get("settings", {}).get("model_sha256") != settings["model_sha256"]
+                    else "other settings")
+            raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, or drop --resume to "
+                            f"start over")
         out = [partial["tokens"]]
         generator.set_state(partial["generator"])
         print(f"resuming sampling after {len(partial['tokens']):,} sequences")
@@ -84,18 +105,22 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
                                   generator=generator, compile_step=compile).cpu())
         if partial_path:
-            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(), "seed": seed,
-                               "batch_size": batch_size, "prompts": prompt_tokens}, partial_path)
+            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(), "settings": settings,
+                               "prompts": prompt_tokens}, partial_path)
     return torch.cat(out)
 
 
 def main():
     dev = pick_device(device)
     set_seed(seed)
+    if not out or out == "None" or os.path.isdir(out):
+        raise UserError(f"--out={out!r} must name the corpus file to write, e.g. --out=out/replay.pt")
+    if os.path.abspath(out) == os.path.abspath(init_from):
+        raise UserError(f"--out={out} is the checkpoint sampled from: choose another file")
     model, ckpt = load_checkpoint(init_from, dev)
     model.eval()
     data_meta = ckpt.get("data", {})
-    parsed = parse_prompts(prompts, data_meta, ckpt.get("tokenizer", {}).get("bos"))
+    parsed = parse_prompts(prompts, data_meta, model.config.vocab_size, ckpt.get("tokenizer", {}).get("bos"))
     T = length or model.config.block_size
     if T > model.config.block_size or T < 2:
         raise UserError(f"--length={T} must be between 2 and the model's block_size {model.config.block_size}")
@@ -103,6 +128,14 @@ def main():
         raise UserError("--num_samples and --batch_size must be positive")
     if temperature <= 0:
         raise UserError("--temperature must be positive for sampling (replay wants 1.0)")
+    if top_k < 0:
+        raise UserError(f"--top_k={top_k} must be >= 0 (0 = no truncation, what replay wants)")
+    # one sampler per corpus at a time, and an existing corpus is replaced only when asked
+    lock = Lock(out + ".lock", f"--out={out}")
+    remove_stale_temporaries(out)
+    if os.path.exists(out) and not overwrite:
+        lock.release()
+        raise UserError(f"{out} already exists: choose another --out, or replace it with --overwrite=True")
 
     # rows per prompt in proportion to its share; the remainder goes to the first prompt
     counts = [int(share * num_samples) for _, _, share in parsed]
@@ -114,7 +147,8 @@ def main():
     partial_path = out + ".partial"
     if not resume and os.path.exists(partial_path):
         os.remove(partial_path)
-    tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev, partial_path)
+    tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev, partial_path,
+                           partial_source=init_from)
     seconds = time.time() - t0
     print(f"sampled {len(tokens):,} sequences x {T} tokens in {seconds:.1f}s "
           f"({len(tokens) * (T - 1) / seconds:,.0f} new tokens/s)")
@@ -122,6 +156,7 @@ def main():
     tokenizers = known_tokenizers(ckpt)
     meta = {
         "source_checkpoint": os.path.abspath(init_from),
+        "source_sha256": fingerprint(init_from)["sha256"],  # finetune.py tops up only from this same model
         "source_step": ckpt.get("step"),
         "prompts": prompt_list,
         "temperature": temperature,

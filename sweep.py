@@ -124,7 +124,9 @@ def train(script, out_dir, **args):
     if is_finished(out_dir):
         return out_dir
     resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
-    launch(script, out_dir, {**args, "out_dir": out_dir, "resume": resume}, fresh=not resume)
+    # --resume=True either way: it continues an interrupted run, or starts one (over the log of a run
+    # killed before its first checkpoint) where there is none
+    launch(script, out_dir, {**args, "out_dir": out_dir, "resume": True}, fresh=not resume)
     return out_dir
 
 

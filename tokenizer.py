@@ -222,8 +222,8 @@ def build_text_datasets(out_root, splits, vocab_size, source, tokenizer_path="")
                 "row_len": None, "token_dtype": token_dtype}
         for split, text in texts.items():
             ids = np.array(encoding.encode_ordinary(normalize(text)), dtype=token_dtype)
-            ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp"))
-            os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+            ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp{os.getpid()}"))
+            os.replace(os.path.join(out_dir, f"{split}.bin.tmp{os.getpid()}"), os.path.join(out_dir, f"{split}.bin"))
             meta[f"n_{split}_tokens"] = int(len(ids))
         atomic_write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2))
         print(f"{lang}: {meta['n_train_tokens']:,} train tokens, {meta['n_val_tokens']:,} val tokens")

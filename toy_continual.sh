@@ -59,13 +59,16 @@ MODEL=(--width=$WIDTH --depth=$DEPTH --head_dim=$HEAD_DIM)
 started_at=$(date +%s)
 
 run() { echo "+ $*"; "$@"; }
+# The demo redoes every stage each time it runs: --overwrite=True replaces the previous run's outputs
+# in $OUT (the scripts refuse to write over another run's files unless asked).
 
 # 1. the data, and the first task learned from scratch
 run python data/arithmetic/prepare.py
 run python pretrain.py --datasets=arithmetic/${ORDER[0]} --eval_datasets=$ALL "${MODEL[@]}" --batch_size=$BATCH \
     --max_steps=$PRETRAIN_STEPS --learning_rate=$PRETRAIN_LR --schedule=$PRETRAIN_SCHEDULE \
-    --warmup_steps=$PRETRAIN_WARMUP --beta2=$BETA2 --target_accuracy=$PRETRAIN_TARGET --cooldown_steps=$PRETRAIN_COOLDOWN --eval_interval=$EVAL_INTERVAL \
-    --eval_sequences=512 --seed=$SEED --out_dir=$OUT/pretrain
+    --warmup_steps=$PRETRAIN_WARMUP --beta2=$BETA2 --target_accuracy=$PRETRAIN_TARGET \
+    --cooldown_steps=$PRETRAIN_COOLDOWN --eval_interval=$EVAL_INTERVAL --eval_sequences=512 --seed=$SEED \
+    --out_dir=$OUT/pretrain --overwrite=True
 
 # 2. the later tasks, one after another, in each arm
 for arm in no_replay replay; do
@@ -78,7 +81,7 @@ for arm in no_replay replay; do
             # prompts: the BOS token of every task learned so far, equal shares
             old=$(printf "arithmetic/%s," "${ORDER[@]:0:$i}")
             run python sample_replay.py --init_from=$previous --prompts=${old%,} \
-                --num_samples=$REPLAY_SAMPLES --batch_size=4096 --seed=$((SEED + i)) --out=$dir/replay.pt
+                --num_samples=$REPLAY_SAMPLES --batch_size=4096 --seed=$((SEED + i)) --out=$dir/replay.pt --overwrite=True
             replay_args=(--replay=$REPLAY --replay_coeff=$COEFF --replay_source=$dir/replay.pt
                          --replay_batch_size=$REPLAY_BATCH)
         fi
@@ -86,7 +89,7 @@ for arm in no_replay replay; do
             --batch_size=$BATCH --max_steps=$STEPS --learning_rate=$LR --schedule=$SCHEDULE --warmup_steps=$WARMUP \
             --beta2=$BETA2 --target_accuracy=$TARGET_ACCURACY --cooldown_steps=$COOLDOWN --eval_interval=$EVAL_INTERVAL \
             --eval_sequences=512 \
-            --seed=$SEED --out_dir=$dir "${replay_args[@]}"
+            --seed=$SEED --out_dir=$dir --overwrite=True "${replay_args[@]}"
         previous=$dir/ckpt.pt
     done
 done

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import common
 from data.arithmetic import prepare
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -20,7 +21,10 @@ def run_script(name, **overrides):
     for key, value in overrides.items():
         assert key in vars(module), f"{name}.py has no setting {key}"
         setattr(module, key, value)
-    module.main()
+    try:
+        module.main()
+    finally:
+        common.release_locks()  # as the script's process would at its exit
     return module
 
 

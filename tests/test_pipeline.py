@@ -113,9 +113,12 @@ def test_replay_sequences_are_never_reused_unless_asked_and_passes_are_logged(ti
     assert common.read_jsonl(tmp_path / "reused" / "log.jsonl")[-1]["replay_passes"] == 3
     assert not torch.equal(weights(tmp_path / "fresh" / "ckpt.pt")["unembed.weight"],
                            weights(tmp_path / "reused" / "ckpt.pt")["unembed.weight"])
-    # a corpus from another checkpoint cannot be topped up: too small is refused up front
+    # a corpus from another checkpoint cannot be topped up: too small is refused up front (the same
+    # file under another name is the same model, so it is "another" only if its content differs)
     other = tmp_path / "other.pt"
-    other.write_bytes(open(tiny_checkpoint, "rb").read())
+    changed = torch.load(tiny_checkpoint, weights_only=True)
+    changed["model"]["unembed.weight"] += 0.01
+    torch.save(changed, other)
     with pytest.raises(UserError, match=r"replay\.pt has 40 sequences.*--num_samples=96"):
         run_script("finetune", out_dir=str(tmp_path / "short"), **{**args, "init_from": str(other)})
     assert not (tmp_path / "short").exists()

@@ -194,7 +194,7 @@ def test_nan_loss_stops_the_run_without_writing_a_bad_checkpoint(toy_data, tmp_p
         ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     else:
-        assert "no checkpoint was written" in line
+        assert "this run wrote no checkpoint" in line
 
 
 class RunsCode:
@@ -229,6 +229,16 @@ def test_torchrun_two_processes_match_one_process(tiny_checkpoint, toy_data, tmp
                                                f"--dataset={toy_data['add']}", "--replay=kl",
                                                f"--replay_source=data:{toy_data['sort']}", *common], tmp_path / "finetune")
     assert [r["step"] for r in pretrain] == [r["step"] for r in finetune] == [0, 1, 2, 3, 4, 5]
+
+    # a second two-process run into the finished run's folder is refused by every rank, not only by
+    # rank 0 (the other would wait for it forever), and the finished run is left as it was
+    out_dir = tmp_path / "pretrain" / "two"
+    before = (out_dir / "log.jsonl").read_bytes(), (out_dir / "ckpt.pt").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "pretrain.py", f"--datasets={toy_data['sort']}", "--width=32", "--depth=1", "--head_dim=8",
+                            *common, f"--out_dir={out_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "--overwrite=True" in again.stderr
+    assert ((out_dir / "log.jsonl").read_bytes(), (out_dir / "ckpt.pt").read_bytes()) == before
 
 
 def test_interrupted_sampling_resumes_to_the_same_corpus(tiny_checkpoint, toy_data, tmp_path, monkeypatch):

@@ -170,12 +170,13 @@ def write_tasks(out_root, digits=3, modulus=1000, n_train=200_000, n_val=2000, s
         train, val = make_splits(task, digits, modulus, n_train, n_val, seed)
         out = os.path.join(out_root, task)
         os.makedirs(out, exist_ok=True)
+        tmp = f".tmp{os.getpid()}"  # one per process: two demos preparing at once do not collide
         for split, rows in (("train", train), ("val", val)):
-            rows.tofile(os.path.join(out, f"{split}.bin.tmp"))
-            os.replace(os.path.join(out, f"{split}.bin.tmp"), os.path.join(out, f"{split}.bin"))
-        with open(os.path.join(out, "meta.json.tmp"), "w") as f:
+            rows.tofile(os.path.join(out, f"{split}.bin{tmp}"))
+            os.replace(os.path.join(out, f"{split}.bin{tmp}"), os.path.join(out, f"{split}.bin"))
+        with open(os.path.join(out, f"meta.json{tmp}"), "w") as f:
             json.dump(task_meta(task, digits, modulus, len(train), len(val)), f, indent=2)
-        os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+        os.replace(os.path.join(out, f"meta.json{tmp}"), os.path.join(out, "meta.json"))
         print(f"{task:9s} train {len(train):7d} val {len(val):5d}  e.g. {decode_row(val[0])}")
 
 
