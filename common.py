@@ -551,6 +551,28 @@ def read_jsonl(path):
     return records
 
 
+def time_split(folders):
+    """Where an experiment's time went, from its run folders (and any below them): training (each log's
+    train_seconds), sampling (replay corpora sampled up front, their meta["seconds"], and fresh
+    replay drawn during finetuning) and evaluation (the rest of each run's logged seconds)."""
+    split = {"sampling": 0.0, "training": 0.0, "evaluation": 0.0}
+    walked = [step for root in folders for step in sorted(os.walk(root))]
+    for folder, _, files in walked:
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if name == "log.jsonl":
+                last = read_jsonl(path)[-1]
+                sampled = last.get("replay_sample_seconds", 0.0)
+                split["training"] += last.get("train_seconds", 0.0)
+                split["sampling"] += sampled
+                split["evaluation"] += last["seconds"] - last.get("train_seconds", 0.0) - sampled
+            elif name.endswith(".pt") and name != "ckpt.pt":
+                corpus = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(corpus, dict) and "seconds" in corpus.get("meta", {}):
+                    split["sampling"] += corpus["meta"]["seconds"]
+    return {k: round(v, 1) for k, v in split.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # datasets on disk: data/<name>/{train,val}.bin (uint16 token ids) + meta.json
 #

@@ -21,7 +21,7 @@ import time
 
 from common import (UserError, answer_accuracy, atomic_write_text, check_compatible, check_short_names, check_writable,
                     eval_loss, eval_loss_and_kl, load_checkpoint, open_eval_set, pick_device, read_jsonl, run,
-                    write_json)
+                    time_split, write_json)
 from model import GPTConfig
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
@@ -32,6 +32,8 @@ eval_sequences = 2048
 out_json = "results/eval.json"
 out_md = ""
 started_at = 0.0                                 # unix time the experiment began; recorded as "seconds"
+time_runs = ""                                   # comma-separated run folders of the experiment: report
+                                                 # where its time went (sampling, training, evaluation)
 device = "auto"
 # -- comparison at matched loss, from finetuning logs instead of checkpoints
 logs = ""                                        # comma-separated name=path/to/log.jsonl
@@ -151,9 +153,13 @@ def check_outputs():
 
 
 def main():
+    began = time.time()
     if logs:
         return compare_at_matched_loss()
     check_outputs()
+    missing = [f for f in time_runs.split(",") if f and not os.path.isdir(f)]
+    if missing:
+        raise UserError(f"--time_runs: {missing[0]} is not a folder: give the experiment's run folders")
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
@@ -198,6 +204,12 @@ def main():
               "reference": reference or None}
     if started_at:
         report["seconds"] = round(time.time() - started_at, 1)
+    if time_runs:  # sampling, training, evaluation (the runs' and this script's), other = the rest
+        split = time_split(time_runs.split(","))
+        split["evaluation"] = round(split["evaluation"] + time.time() - began, 1)
+        if started_at:
+            split["other"] = round(report["seconds"] - sum(split.values()), 1)
+        report["time_split"] = split
     table = markdown_table(results, [d.short_name for d in data], steps)
     write_report(report, table)
 

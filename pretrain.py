@@ -137,7 +137,8 @@ def main():
               f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
               + (f"; {world_size} processes" if world_size > 1 else ""))
         os.makedirs(out_dir, exist_ok=True)
-        prepare_log(log_path, start_step)
+    # time spent in training steps alone (evaluation excluded), carried over a resume
+    train_seconds = ((prepare_log(log_path, start_step) if is_main else None) or {}).get("train_seconds", 0.0)
 
     train_model = torch.compile(model) if compile else model
     if world_size > 1:
@@ -147,7 +148,7 @@ def main():
     def evaluate(step, train_loss, t0):
         model.eval()
         record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
-                  "seconds": round(time.time() - t0, 2)}
+                  "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2)}
         for d in data + extra:
             record[f"val_loss/{d.short_name}"] = eval_loss(model, d, T, max_sequences=eval_sequences, device=dev)
             if "answer_start" in d.meta:
@@ -169,6 +170,7 @@ def main():
         cooldown_from = ckpt["train_state"]["cooldown_from"]
     last_step = run_end(total_steps, cooldown_from, cooldown_steps)
     for step in pbar:
+        step_started = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr,
                                 cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
@@ -181,6 +183,7 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = global_mean(loss, world_size).item()
+        train_seconds += time.time() - step_started
         pbar.set_postfix(loss=f"{train_loss:.4f}")
 
         if (step + 1) % eval_interval == 0 or step + 1 == last_step:

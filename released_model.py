@@ -164,8 +164,15 @@ def main():
                                                     "learning_rate", "lora_rank", "lora_learning_rate", "coeff",
                                                     "standard_steps", "max_steps", "eval_interval", "eval_sequences",
                                                     "dtype")}
-    result["seconds"] = {"stages": {k: round(v, 1) for k, v in timings.items()},
-                         "total": round(sum(timings.values()), 1)}   # plot.py's few seconds come after
+    total = sum(timings.values())   # plot.py's few seconds come after
+    runs = [logs[m][-1] for m in METHODS]
+    sampled = sum(r.get("replay_sample_seconds", 0.0) for r in runs)
+    split = {"sampling": timings.get("sample_replay", 0.0) + timings.get("sample_heldout_self", 0.0) + sampled,
+             "training": sum(r["train_seconds"] for r in runs),
+             "evaluation": sum(r["seconds"] - r["train_seconds"] for r in runs) - sampled + timings["evaluate"]}
+    split["other"] = total - sum(split.values())   # conversion, tokenizing, loading, process start-up
+    result["seconds"] = {"stages": {k: round(v, 1) for k, v in timings.items()}, "total": round(total, 1),
+                         "split": {k: round(v, 1) for k, v in split.items()}}
     write_json("results/released_model.json", result)
 
     lines = [f"Spanish target {target:.3f} (reference: English {reference['val_loss/en']:.3f}, "

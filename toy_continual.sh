@@ -71,6 +71,7 @@ run python pretrain.py --datasets=arithmetic/${ORDER[0]} --eval_datasets=$ALL "$
     --out_dir=$OUT/pretrain --overwrite=True
 
 # 2. the later tasks, one after another, in each arm
+RUNS=$OUT/pretrain   # every run folder, for the results' split of time
 for arm in no_replay replay; do
     previous=$OUT/pretrain/ckpt.pt
     for i in 1 2 3; do
@@ -91,12 +92,13 @@ for arm in no_replay replay; do
             --eval_sequences=512 \
             --seed=$SEED --out_dir=$dir --overwrite=True "${replay_args[@]}"
         previous=$dir/ckpt.pt
+        RUNS=$RUNS,$dir
     done
 done
 
 # 3. every task after the last one, against the model that knew only the first; then the figure
 last=${ORDER[3]}
 run python evaluate.py --checkpoints=no_replay=$OUT/no_replay/$last/ckpt.pt,replay=$OUT/replay/$last/ckpt.pt \
-    --datasets=$ALL --reference=$OUT/pretrain/ckpt.pt --started_at=$started_at \
+    --datasets=$ALL --reference=$OUT/pretrain/ckpt.pt --started_at=$started_at --time_runs=$RUNS \
     --out_json=$RESULTS.json --out_md=$RESULTS.md
 run python plot.py --figure=toy_continual --toy_dir=$OUT --tasks=$(IFS=,; echo "${ORDER[*]}") --out=$RESULTS.png

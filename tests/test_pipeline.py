@@ -2,6 +2,7 @@
 regulariser, evaluation, and the one-line errors for bad input."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -211,6 +212,30 @@ def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_d
     assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - report["metrics"]["reference"]["sort"]["loss"])
     assert report["arms"]["ft"] == {"sort": ft["sort"]["accuracy"], "add": ft["add"]["accuracy"]}
     assert "| ft |" in open(tmp_path / "eval.md").read()
+
+
+def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluation(tiny_checkpoint, toy_data,
+                                                                                      tmp_path):
+    started = time.time()
+    run_dir, corpus_path = tmp_path / "ft", tmp_path / "corpora" / "replay.pt"
+    run_script("sample_replay", init_from=tiny_checkpoint, out=str(corpus_path), num_samples=40,
+               prompts=toy_data["sort"], device="cpu")
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(run_dir), replay="kl",
+               replay_source=str(corpus_path), **FT)  # 40 sequences are too few: it samples more mid-run
+    out_json = str(tmp_path / "eval.json")
+    run_script("evaluate", checkpoints=f"ft={run_dir / 'ckpt.pt'}", reference=tiny_checkpoint,
+               datasets=toy_data["add"], eval_sequences=32, out_json=out_json, device="cpu", started_at=started,
+               time_runs=f"{run_dir},{corpus_path.parent}")
+    report = common.json.load(open(out_json))
+    split, log = report["time_split"], common.read_jsonl(run_dir / "log.jsonl")[-1]
+    corpus = torch.load(corpus_path, weights_only=True)["meta"]["seconds"]
+    assert split["training"] == pytest.approx(log["train_seconds"], abs=0.1) and log["train_seconds"] > 0
+    assert split["sampling"] == pytest.approx(corpus + log["replay_sample_seconds"], abs=0.1)
+    assert log["replay_sample_seconds"] > 0 and split["evaluation"] > 0
+    assert split["other"] >= 0  # the parts fit inside the whole (start-up, loading: the rest)
+    # pretraining logs the time of its training steps too
+    pretrain_log = common.read_jsonl(os.path.join(os.path.dirname(tiny_checkpoint), "log.jsonl"))[-1]
+    assert 0 < pretrain_log["train_seconds"] < pretrain_log["seconds"]
 
 
 # --- configuration and bad input ----------------------------------------------------------------
