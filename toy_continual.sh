@@ -79,11 +79,13 @@ for arm in no_replay replay; do
         dir=$OUT/$arm/$task
         replay_args=()
         if [ $arm = replay ]; then
-            # prompts: the BOS token of every task learned so far, equal shares
+            # prompts: the BOS token of every task learned so far, equal shares. The corpus lives
+            # outside the run's folder: a run never writes into a folder that holds one of its inputs
             old=$(printf "arithmetic/%s," "${ORDER[@]:0:$i}")
+            corpus=$OUT/replay_corpora/$task.pt
             run python sample_replay.py --init_from=$previous --prompts=${old%,} \
-                --num_samples=$REPLAY_SAMPLES --batch_size=4096 --seed=$((SEED + i)) --out=$dir/replay.pt --overwrite=True
-            replay_args=(--replay=$REPLAY --replay_coeff=$COEFF --replay_source=$dir/replay.pt
+                --num_samples=$REPLAY_SAMPLES --batch_size=4096 --seed=$((SEED + i)) --out=$corpus --overwrite=True
+            replay_args=(--replay=$REPLAY --replay_coeff=$COEFF --replay_source=$corpus
                          --replay_batch_size=$REPLAY_BATCH)
         fi
         run python finetune.py --init_from=$previous --dataset=arithmetic/$task --eval_datasets=$ALL \

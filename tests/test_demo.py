@@ -1,0 +1,29 @@
+"""The main job, `bash toy_continual.sh`, end to end at a tiny size: every stage through the real
+scripts, as a user runs it (the numbers of the real run are in the README)."""
+import json
+import os
+import subprocess
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_toy_demo_runs_end_to_end_and_writes_its_results(tmp_path):
+    tiny = {"OUT": str(tmp_path / "toy"), "RESULTS": str(tmp_path / "toy_continual"), "WIDTH": "32",
+            "PRETRAIN_STEPS": "20", "STEPS": "10", "EVAL_INTERVAL": "10", "BATCH": "16", "REPLAY_BATCH": "16"}
+    result = subprocess.run(["bash", "toy_continual.sh"], cwd=ROOT, env={**os.environ, **tiny},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(tmp_path / "toy_continual.json"))
+    tasks = ["add", "reversal", "sort", "modadd"]
+    assert sorted(report["arms"]) == ["no_replay", "replay"] and all(sorted(a) == sorted(tasks)
+                                                                      for a in report["arms"].values())
+    assert report["seconds"] > 0
+    assert (tmp_path / "toy_continual.md").exists() and (tmp_path / "toy_continual.png").exists()
+    # each replay run read a corpus kept outside its own folder, and never saw a sequence twice
+    for task in tasks[1:]:
+        assert (tmp_path / "toy" / "replay_corpora" / f"{task}.pt").exists()
+        log = common.read_jsonl(tmp_path / "toy" / "replay" / task / "log.jsonl")
+        assert log[-1]["replay_passes"] == 1
+        assert common.read_jsonl(tmp_path / "toy" / "no_replay" / task / "log.jsonl")[-1]["replay_passes"] == 0
