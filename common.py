@@ -551,25 +551,25 @@ def read_jsonl(path):
     return records
 
 
-def time_split(folders):
-    """Where an experiment's time went, from its run folders (and any below them): training (each log's
-    train_seconds), sampling (replay corpora sampled up front, their meta["seconds"], and fresh
-    replay drawn during finetuning) and evaluation (the rest of each run's logged seconds)."""
+def time_split(paths):
+    """Where an experiment's time went, from its run folders (and any below them) and replay corpus
+    files: training (each log's train_seconds), sampling (the corpora's meta["seconds"], and fresh
+    replay drawn during finetuning) and evaluation (each log's eval_seconds)."""
     split = {"sampling": 0.0, "training": 0.0, "evaluation": 0.0}
-    walked = [step for root in folders for step in sorted(os.walk(root))]
-    for folder, _, files in walked:
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            if name == "log.jsonl":
-                last = read_jsonl(path)[-1]
-                sampled = last.get("replay_sample_seconds", 0.0)
-                split["training"] += last.get("train_seconds", 0.0)
-                split["sampling"] += sampled
-                split["evaluation"] += last["seconds"] - last.get("train_seconds", 0.0) - sampled
-            elif name.endswith(".pt") and name != "ckpt.pt":
-                corpus = torch.load(path, map_location="cpu", weights_only=True)
-                if isinstance(corpus, dict) and "seconds" in corpus.get("meta", {}):
-                    split["sampling"] += corpus["meta"]["seconds"]
+    files = [p for p in paths if os.path.isfile(p)]
+    files += [os.path.join(folder, name) for p in paths if os.path.isdir(p)
+              for folder, _, names in sorted(os.walk(p)) for name in sorted(names)]
+    for path in files:
+        name = os.path.basename(path)
+        if name == "log.jsonl":
+            last = read_jsonl(path)[-1]
+            split["training"] += last.get("train_seconds", 0.0)
+            split["sampling"] += last.get("replay_sample_seconds", 0.0)
+            split["evaluation"] += last.get("eval_seconds", 0.0)
+        elif name.endswith(".pt") and name != "ckpt.pt":
+            corpus = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(corpus, dict) and "seconds" in corpus.get("meta", {}):
+                split["sampling"] += corpus["meta"]["seconds"]
     return {k: round(v, 1) for k, v in split.items()}
 
 

@@ -32,8 +32,8 @@ eval_sequences = 2048
 out_json = "results/eval.json"
 out_md = ""
 started_at = 0.0                                 # unix time the experiment began; recorded as "seconds"
-time_runs = ""                                   # comma-separated run folders of the experiment: report
-                                                 # where its time went (sampling, training, evaluation)
+time_runs = ""                                   # comma-separated run folders and replay corpora of the
+                                                 # experiment: report where its time went
 device = "auto"
 # -- comparison at matched loss, from finetuning logs instead of checkpoints
 logs = ""                                        # comma-separated name=path/to/log.jsonl
@@ -157,9 +157,9 @@ def main():
     if logs:
         return compare_at_matched_loss()
     check_outputs()
-    missing = [f for f in time_runs.split(",") if f and not os.path.isdir(f)]
+    missing = [f for f in time_runs.split(",") if f and not os.path.exists(f)]
     if missing:
-        raise UserError(f"--time_runs: {missing[0]} is not a folder: give the experiment's run folders")
+        raise UserError(f"--time_runs: {missing[0]} does not exist: give the experiment's run folders and corpora")
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)

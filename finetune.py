@@ -351,12 +351,14 @@ def main():
         print(f"resuming {ckpt_path} at step {start_step}")
     # seconds spent in training steps alone (no evaluation, no checkpoints): the compute axis of the
     # learning-rate study, carried over when a run resumes
-    train_seconds = 0.0
+    # (and eval_seconds: in evaluations, the current one included), carried over when a run resumes
+    train_seconds = eval_seconds = 0.0
     if is_main:
         n_total = sum(p.numel() for p in student.parameters())
         print(f"training {sum(p.numel() for p in trainable):,} of {n_total:,} parameters")
         os.makedirs(out_dir, exist_ok=True)
-        train_seconds = (prepare_log(log_path, start_step) or {}).get("train_seconds", 0.0)
+        kept = prepare_log(log_path, start_step) or {}
+        train_seconds, eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
 
     objective = Objective(torch.compile(student) if compile else student, teacher)
     step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
@@ -365,6 +367,8 @@ def main():
     teacher_logits = {}  # the frozen teacher's logits on the fixed validation sequences, computed once
 
     def evaluate(step, losses, t0):
+        nonlocal eval_seconds
+        started = time.time()
         student.eval()
         record = {"step": step, "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
                   "replay_passes": replay_stream.passes if replay_stream else 0, **losses}
@@ -380,6 +384,8 @@ def main():
             if "answer_start" in d.meta:
                 record[f"accuracy/{d.short_name}"] = answer_accuracy(student, d, max_sequences=eval_sequences, device=dev)
         student.train()
+        eval_seconds += time.time() - started
+        record["eval_seconds"] = round(eval_seconds, 2)
         check_diverged(record, student, start_weight, last_saved, "lower --learning_rate or --replay_coeff")
         append_jsonl(log_path, record)
         return record

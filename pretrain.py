@@ -137,8 +137,9 @@ def main():
               f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
               + (f"; {world_size} processes" if world_size > 1 else ""))
         os.makedirs(out_dir, exist_ok=True)
-    # time spent in training steps alone (evaluation excluded), carried over a resume
-    train_seconds = ((prepare_log(log_path, start_step) if is_main else None) or {}).get("train_seconds", 0.0)
+    # seconds in training steps alone and in evaluations (the current one included), carried over a resume
+    kept = (prepare_log(log_path, start_step) if is_main else None) or {}
+    train_seconds, eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
 
     train_model = torch.compile(model) if compile else model
     if world_size > 1:
@@ -146,6 +147,8 @@ def main():
     autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def evaluate(step, train_loss, t0):
+        nonlocal eval_seconds
+        started = time.time()
         model.eval()
         record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
                   "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2)}
@@ -154,6 +157,8 @@ def main():
             if "answer_start" in d.meta:
                 record[f"accuracy/{d.short_name}"] = answer_accuracy(model, d, max_sequences=eval_sequences, device=dev)
         model.train()
+        eval_seconds += time.time() - started
+        record["eval_seconds"] = round(eval_seconds, 2)
         check_diverged(record, model, start_weight, last_saved, "lower --learning_rate")
         append_jsonl(log_path, record)
         return record

@@ -169,7 +169,7 @@ def main():
     sampled = sum(r.get("replay_sample_seconds", 0.0) for r in runs)
     split = {"sampling": timings.get("sample_replay", 0.0) + timings.get("sample_heldout_self", 0.0) + sampled,
              "training": sum(r["train_seconds"] for r in runs),
-             "evaluation": sum(r["seconds"] - r["train_seconds"] for r in runs) - sampled + timings["evaluate"]}
+             "evaluation": sum(r["eval_seconds"] for r in runs) + timings["evaluate"]}
     split["other"] = total - sum(split.values())   # conversion, tokenizing, loading, process start-up
     result["seconds"] = {"stages": {k: round(v, 1) for k, v in timings.items()}, "total": round(total, 1),
                          "split": {k: round(v, 1) for k, v in split.items()}}

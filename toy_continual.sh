@@ -71,7 +71,7 @@ run python pretrain.py --datasets=arithmetic/${ORDER[0]} --eval_datasets=$ALL "$
     --out_dir=$OUT/pretrain --overwrite=True
 
 # 2. the later tasks, one after another, in each arm
-RUNS=$OUT/pretrain   # every run folder, for the results' split of time
+RUNS=$OUT/pretrain   # every run folder and corpus, for the results' split of time
 for arm in no_replay replay; do
     previous=$OUT/pretrain/ckpt.pt
     for i in 1 2 3; do
@@ -87,6 +87,7 @@ for arm in no_replay replay; do
                 --num_samples=$REPLAY_SAMPLES --batch_size=4096 --seed=$((SEED + i)) --out=$corpus --overwrite=True
             replay_args=(--replay=$REPLAY --replay_coeff=$COEFF --replay_source=$corpus
                          --replay_batch_size=$REPLAY_BATCH)
+            RUNS=$RUNS,$corpus
         fi
         run python finetune.py --init_from=$previous --dataset=arithmetic/$task --eval_datasets=$ALL \
             --batch_size=$BATCH --max_steps=$STEPS --learning_rate=$LR --schedule=$SCHEDULE --warmup_steps=$WARMUP \

@@ -225,17 +225,18 @@ def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluati
     out_json = str(tmp_path / "eval.json")
     run_script("evaluate", checkpoints=f"ft={run_dir / 'ckpt.pt'}", reference=tiny_checkpoint,
                datasets=toy_data["add"], eval_sequences=32, out_json=out_json, device="cpu", started_at=started,
-               time_runs=f"{run_dir},{corpus_path.parent}")
+               time_runs=f"{run_dir},{corpus_path}")
     report = common.json.load(open(out_json))
     split, log = report["time_split"], common.read_jsonl(run_dir / "log.jsonl")[-1]
     corpus = torch.load(corpus_path, weights_only=True)["meta"]["seconds"]
     assert split["training"] == pytest.approx(log["train_seconds"], abs=0.1) and log["train_seconds"] > 0
     assert split["sampling"] == pytest.approx(corpus + log["replay_sample_seconds"], abs=0.1)
-    assert log["replay_sample_seconds"] > 0 and split["evaluation"] > 0
+    assert log["replay_sample_seconds"] > 0 and log["eval_seconds"] > 0
+    assert split["evaluation"] >= log["eval_seconds"] - 0.05  # the runs' evaluations, and evaluate.py's own
     assert split["other"] >= 0  # the parts fit inside the whole (start-up, loading: the rest)
     # pretraining logs the time of its training steps too
     pretrain_log = common.read_jsonl(os.path.join(os.path.dirname(tiny_checkpoint), "log.jsonl"))[-1]
-    assert 0 < pretrain_log["train_seconds"] < pretrain_log["seconds"]
+    assert 0 < pretrain_log["train_seconds"] < pretrain_log["seconds"] and pretrain_log["eval_seconds"] > 0
 
 
 # --- configuration and bad input ----------------------------------------------------------------
