@@ -123,10 +123,10 @@ def sample_vs_forward(dev):
     """{model: (sampling tokens/s, forward tokens/s)} for B sequences of T tokens: model.generate from
     one prompt token against one teacher-forced forward pass over (B, T) tokens, same dtype. The
     batches are the scripts': toy_continual.sh samples 4096 at a time, english_spanish.sh 512,
-    released_model.py 64."""
+    released_model.py 256."""
     toy = GPTConfig(vocab_size=19, block_size=14, width=128, depth=2, head_dim=16)
     text = GPTConfig(vocab_size=4096, block_size=128, width=128, depth=4, head_dim=32)
-    models = {"toy": (toy, 4096, 14), "text": (text, 512, 128), "smollm2": (smollm2_checkpoint, 64, 128)}
+    models = {"toy": (toy, 4096, 14), "text": (text, 512, 128), "smollm2": (smollm2_checkpoint, 256, 128)}
     speeds = {}
     for name, (config, batch, length) in models.items():
         if isinstance(config, str):
