@@ -153,9 +153,9 @@ class ReplayStream:
         length and temperature; a seed of its own for every chunk, so a resumed run gets the same."""
         from sample_replay import prompt_column, sample_corpus
         started = time.time()
-        fresh = sample_corpus(self.teacher, prompt_column(self.meta["prompts"]), self.meta["length"],
-                              self.meta["temperature"], self.meta["top_k"], 1024, self.meta["seed"] + 7919 * self.chunk, self.device,
-                              progress=False).to(self.tokens.dtype)
+        m = self.meta
+        fresh = sample_corpus(self.teacher, prompt_column(m["prompts"]), m["length"], m["temperature"], m["top_k"],
+                              1024, m["seed"] + 7919 * self.chunk, self.device, progress=False).to(self.tokens.dtype)
         self.sample_seconds += time.time() - started
         return fresh
 
