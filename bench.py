@@ -78,7 +78,7 @@ def new_model(dev, block=None):
 def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
     """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: student on a new and a
     replay batch, frozen teacher on the replay batch)."""
-    model_module.ATTENTION = attention
+    default, model_module.ATTENTION = model_module.ATTENTION, attention
     model = new_model(dev)
     teacher = new_model(dev).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -99,7 +99,7 @@ def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
         optimizer.zero_grad(set_to_none=True)
 
     seconds, warm = timed(step, dev, warmup_steps, timed_steps)
-    model_module.ATTENTION = "auto"
+    model_module.ATTENTION = default
     tokens = batch_size * block_size * (2 if with_kl else 1)
     return tokens / seconds, warm
 
@@ -198,7 +198,7 @@ def matmul_peak(dev, n=8192):
 def main():
     dev = pick_device(device)
     on_cuda = dev.startswith("cuda")
-    hot_attention = "auto"  # flash on CUDA when Triton is there, SDPA on CPU
+    hot_attention = model_module.ATTENTION  # the default: PyTorch's SDPA
     print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, vocab {vocab_size}; "
           f"batch {batch_size}; device {dev}" + ("" if on_cuda else f" ({torch.get_num_threads()} threads)"))
 
@@ -208,6 +208,8 @@ def main():
         "compiled fp32": (True, False, hot_attention),
         "hot path: compiled bf16": (True, True, hot_attention),
     }
+    if on_cuda:
+        variants["compiled bf16, our flash kernel"] = (True, True, "flash")
     train = {name: train_step_speed(dev, *v) for name, v in variants.items()}
     base = train["baseline: eager fp32 SDPA"][0]
     print("\n| training step | tokens/s | vs baseline | first steps (s) |\n|---|---|---|---|")

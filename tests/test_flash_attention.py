@@ -66,7 +66,7 @@ def test_unsupported_head_dim_is_refused():
 @pytest.mark.parametrize("kv_heads", [0, 1], ids=["paper", "grouped-query"])
 def test_the_model_runs_on_the_kernel_when_asked(monkeypatch, kv_heads):
     import model
-    monkeypatch.setattr(model, "ATTENTION", "flash")   # on CUDA "auto" picks it; on CPU only on request
+    monkeypatch.setattr(model, "ATTENTION", "flash")   # the default is SDPA; the kernel runs on request
     torch.manual_seed(0)
     config = model.GPTConfig(vocab_size=50, block_size=32, width=64, depth=1, head_dim=32, n_kv_heads=kv_heads)
     gpt = model.GPT(config).to(DEVICE)
