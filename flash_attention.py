@@ -37,8 +37,8 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _forward_blocks(acc, l, m, q, K, V, base, stride_t, offs_m, offs_n, offs_d, start, end, T, scale_log2,
-                    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _forward_blocks(acc, l, m, q, K, V, base, stride_t, offs_m, offs_n, offs_d, start, end, T,
+                    SCALE_LOG2: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """Online softmax over the key blocks [start, end). MASKED: the blocks on the diagonal (causal
     mask and sequence end); the blocks before them are visible to every query row and skip both."""
     for start_n in range(start, end, BLOCK_N):
@@ -50,7 +50,7 @@ def _forward_blocks(acc, l, m, q, K, V, base, stride_t, offs_m, offs_n, offs_d, 
         else:
             k = tl.load(K + base + cols[:, None] * stride_t + offs_d[None, :])
             v = tl.load(V + base + cols[:, None] * stride_t + offs_d[None, :])
-        s = _dot(q, tl.trans(k), IEEE) * scale_log2       # work in base 2: exp2 is cheaper than exp
+        s = _dot(q, tl.trans(k), IEEE) * SCALE_LOG2       # work in base 2: exp2 is cheaper than exp
         if MASKED:
             s = tl.where((offs_m[:, None] >= cols[None, :]) & col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -63,8 +63,8 @@ def _forward_blocks(acc, l, m, q, K, V, base, stride_t, offs_m, offs_n, offs_d, 
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_t, n_heads, T, scale_log2,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _forward_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_t, n_heads, T,
+                    SCALE_LOG2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     base = (bh // n_heads) * stride_b + (bh % n_heads) * stride_h
@@ -80,9 +80,9 @@ def _forward_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_t, n_heads, T, s
     diagonal = block_m * BLOCK_M                          # keys before the block's first query: all visible
     end = tl.minimum((block_m + 1) * BLOCK_M, T)          # causal: no key after the last query
     acc, l, m = _forward_blocks(acc, l, m, q, K, V, base, stride_t, offs_m, offs_n, offs_d, 0, diagonal, T,
-                                scale_log2, False, BLOCK_N, IEEE)
+                                SCALE_LOG2, False, BLOCK_N, IEEE)
     acc, l, m = _forward_blocks(acc, l, m, q, K, V, base, stride_t, offs_m, offs_n, offs_d, diagonal, end, T,
-                                scale_log2, True, BLOCK_N, IEEE)
+                                SCALE_LOG2, True, BLOCK_N, IEEE)
     acc = acc / l[:, None]
     tl.store(O + base + offs_m[:, None] * stride_t + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh * T + offs_m, m + tl.log2(l), mask=row_ok)   # base-2 log-sum-exp
@@ -104,7 +104,7 @@ def _delta_kernel(O, DO, DELTA, stride_b, stride_h, stride_t, n_heads, T,
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, base, bh, stride_t, offs_n, offs_m, offs_d, start, end, T,
-                 scale_log2, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
+                 SCALE_LOG2: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [start, end). Rows past the sequence
     end load q = dO = delta = 0 and so add nothing; only the diagonal blocks need the causal mask."""
     for start_m in range(start, end, BLOCK_M):
@@ -114,7 +114,7 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, base, bh, stride_t, offs_n, of
         do = tl.load(DO + base + rows[:, None] * stride_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
-        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * SCALE_LOG2 - lse[:, None])
         if MASKED:
             p = tl.where((rows[:, None] >= offs_n[None, :]) & row_ok[:, None], p, 0.0)
         dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
@@ -125,8 +125,8 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, base, bh, stride_t, offs_n, of
 
 
 @triton.jit
-def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_t, n_heads, T, scale_log2, scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_t, n_heads, T,
+                          SCALE_LOG2: tl.constexpr, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     block_n = tl.program_id(0)
     bh = tl.program_id(1)
     base = (bh // n_heads) * stride_b + (bh % n_heads) * stride_h
@@ -141,17 +141,17 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, s
     first = (block_n * BLOCK_N // BLOCK_M) * BLOCK_M       # queries before this key block never see it
     past = tl.minimum(tl.cdiv((block_n + 1) * BLOCK_N, BLOCK_M) * BLOCK_M, T)  # queries from here see it all
     dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, base, bh, stride_t, offs_n, offs_m, offs_d, first, past, T,
-                          scale_log2, True, BLOCK_M, IEEE)
+                          SCALE_LOG2, True, BLOCK_M, IEEE)
     dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, base, bh, stride_t, offs_n, offs_m, offs_d, past, T, T,
-                          scale_log2, False, BLOCK_M, IEEE)
-    tl.store(DK + base + offs_n[:, None] * stride_t + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                          SCALE_LOG2, False, BLOCK_M, IEEE)
+    tl.store(DK + base + offs_n[:, None] * stride_t + offs_d[None, :], (dk * SCALE).to(DK.dtype.element_ty),
              mask=col_ok[:, None])
     tl.store(DV + base + offs_n[:, None] * stride_t + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs_d, start, end, T, scale_log2,
-               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs_d, start, end, T,
+               SCALE_LOG2: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks [start, end) (as _forward_blocks)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -162,7 +162,7 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs
         else:
             k = tl.load(K + base + cols[:, None] * stride_t + offs_d[None, :])
             v = tl.load(V + base + cols[:, None] * stride_t + offs_d[None, :])
-        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * scale_log2 - lse[:, None])
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * SCALE_LOG2 - lse[:, None])
         if MASKED:
             p = tl.where((offs_m[:, None] >= cols[None, :]) & col_ok[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
@@ -172,8 +172,8 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs
 
 
 @triton.jit
-def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_b, stride_h, stride_t, n_heads, T, scale_log2, scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_b, stride_h, stride_t, n_heads, T,
+                        SCALE_LOG2: tl.constexpr, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     base = (bh // n_heads) * stride_b + (bh % n_heads) * stride_h
@@ -188,11 +188,11 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_b, stride_h, stride_
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     diagonal = block_m * BLOCK_M
     end = tl.minimum((block_m + 1) * BLOCK_M, T)
-    dq = _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs_d, 0, diagonal, T, scale_log2,
+    dq = _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs_d, 0, diagonal, T, SCALE_LOG2,
                     False, BLOCK_N, IEEE)
-    dq = _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs_d, diagonal, end, T, scale_log2,
+    dq = _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs_d, diagonal, end, T, SCALE_LOG2,
                     True, BLOCK_N, IEEE)
-    tl.store(DQ + base + offs_m[:, None] * stride_t + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + base + offs_m[:, None] * stride_t + offs_d[None, :], (dq * SCALE).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
 
@@ -229,8 +229,8 @@ class FlashAttention(torch.autograd.Function):
         tiles = _tiles(D, T, q.dtype)
         scale = 1.0 / math.sqrt(D)
         _launch(_forward_kernel, tiles["forward"], triton.cdiv(T, tiles["forward"][0]), B * H,
-                q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), H, T, scale * LOG2E,
-                HEAD_DIM=D, IEEE=q.dtype == torch.float32)
+                q, k, v, o, lse, q.stride(0), q.stride(1), q.stride(2), H, T,
+                SCALE_LOG2=scale * LOG2E, HEAD_DIM=D, IEEE=q.dtype == torch.float32)
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -241,15 +241,15 @@ class FlashAttention(torch.autograd.Function):
         do = do.contiguous()
         tiles = _tiles(D, T, q.dtype)
         scale = 1.0 / math.sqrt(D)
-        constants = dict(HEAD_DIM=D, IEEE=q.dtype == torch.float32)
+        constants = dict(SCALE_LOG2=scale * LOG2E, SCALE=scale, HEAD_DIM=D, IEEE=q.dtype == torch.float32)
         strides = (q.stride(0), q.stride(1), q.stride(2), H, T)
         delta = torch.empty_like(lse)
         _delta_kernel[(triton.cdiv(T, 64), B * H)](o, do, delta, *strides, HEAD_DIM=D, BLOCK_M=64)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _launch(_backward_dkdv_kernel, tiles["dkdv"], triton.cdiv(T, tiles["dkdv"][1]), B * H,
-                q, k, v, do, lse, delta, dk, dv, *strides, scale * LOG2E, scale, **constants)
+                q, k, v, do, lse, delta, dk, dv, *strides, **constants)
         _launch(_backward_dq_kernel, tiles["dq"], triton.cdiv(T, tiles["dq"][0]), B * H,
-                q, k, v, do, lse, delta, dq, *strides, scale * LOG2E, scale, **constants)
+                q, k, v, do, lse, delta, dq, *strides, **constants)
         return dq, dk, dv
 
 
