@@ -31,11 +31,9 @@ elif [ "$PROFILE" = cpu ]; then
     # task that comes late), then cools down; so the run adapts to any task order. Every task, the
     # first included, cools down once learned, and replay gets as many sequences per step as the new
     # task (the study's balance): with half as many, add (the most fragile task) ended 1-2 points lower.
-    # A new task cools down for 60 steps (the pretraining task for 100): with 100 the demo ran past its
-    # 5-minute budget; with 60 and three quarters as many replay sequences, add ended at 0.976.
     : ${WIDTH:=128} ${BATCH:=256} ${PRETRAIN_STEPS:=800} ${PRETRAIN_LR:=3e-3} ${PRETRAIN_SCHEDULE:=cosine}
     : ${PRETRAIN_WARMUP:=50} ${PRETRAIN_TARGET:=0.99} ${PRETRAIN_COOLDOWN:=100} ${STEPS:=1500} ${LR:=3e-3} ${WARMUP:=50}
-    : ${REPLAY:=kl} ${COEFF:=1} ${REPLAY_BATCH:=256} ${TARGET_ACCURACY:=0.95} ${COOLDOWN:=60} ${EVAL_INTERVAL:=25}
+    : ${REPLAY:=kl} ${COEFF:=1} ${REPLAY_BATCH:=256} ${TARGET_ACCURACY:=0.95} ${COOLDOWN:=100} ${EVAL_INTERVAL:=25}
 else
     echo "toy_continual.sh: PROFILE=$PROFILE must be cpu or study" >&2; exit 2
 fi
