@@ -63,8 +63,8 @@ def _forward_blocks(acc, l, m, q, K, V, base, stride_t, offs_m, offs_n, offs_d, 
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_t, n_heads, T,
-                    SCALE_LOG2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _forward_kernel(Q, K, V, O, LSE, stride_b, stride_h, stride_t, n_heads, T, SCALE_LOG2: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     base = (bh // n_heads) * stride_b + (bh % n_heads) * stride_h
@@ -126,7 +126,8 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, base, bh, stride_t, offs_n, of
 
 @triton.jit
 def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, stride_b, stride_h, stride_t, n_heads, T,
-                          SCALE_LOG2: tl.constexpr, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                          SCALE_LOG2: tl.constexpr, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     block_n = tl.program_id(0)
     bh = tl.program_id(1)
     base = (bh // n_heads) * stride_b + (bh % n_heads) * stride_h
@@ -173,7 +174,8 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, base, stride_t, offs_m, offs_n, offs
 
 @triton.jit
 def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, stride_b, stride_h, stride_t, n_heads, T,
-                        SCALE_LOG2: tl.constexpr, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                        SCALE_LOG2: tl.constexpr, SCALE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     block_m = tl.program_id(0)
     bh = tl.program_id(1)
     base = (bh // n_heads) * stride_b + (bh % n_heads) * stride_h
