@@ -804,44 +804,30 @@ def load_checkpoint(path, device="cpu"):
 # evaluation helpers
 
 @torch.no_grad()
-def eval_loss(model, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu"):
-    """Mean next-token loss on the fixed validation sequences."""
-    total, count = 0.0, 0
-    for x in dataset.eval_batches("val", batch_size, block_size, max_sequences):
-        x = x.to(device)
-        total += ntp_loss(model(x), x).item() * len(x)
-        count += len(x)
-    return total / count
-
-
-@torch.no_grad()
-def eval_loss_and_kl(model, reference, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu",
-                     reference_cache=None):
-    """Mean next-token loss and mean KL(reference || model) on the fixed validation sequences, from
-    one forward pass of each model. The reference is frozen and the sequences are fixed, so its
-    logits can be kept between calls: pass a dict as reference_cache (one per dataset)."""
+def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", reference=None,
+                reference_cache=None, batch_size=256):
+    """Validation numbers on the fixed validation sequences, from one forward pass of the model:
+    "loss", the mean next-token loss; "kl", the mean KL(reference || model), when a frozen reference
+    is given (its logits can be kept between calls: pass a dict as reference_cache, one per dataset);
+    and on a toy task's rows "accuracy", the exact-match accuracy of greedy decoding. That needs no
+    decoding: greedy decoding writes a row's whole answer exactly when, fed the true answer so far,
+    the model's most likely next token is the true one at every answer position (where decoding
+    would first go wrong, so does that argmax), and the loss's logits hold those argmaxes."""
+    answers = (dataset.meta["answer_start"], dataset.meta["answer_end"]) if "answer_start" in dataset.meta else None
     cache = {} if reference_cache is None else reference_cache
-    loss, kl, count = 0.0, 0.0, 0
+    totals, count = {"loss": 0.0, "kl": 0.0, "accuracy": 0.0}, 0
     for i, x in enumerate(dataset.eval_batches("val", batch_size, block_size, max_sequences)):
         x = x.to(device)
         logits = model(x)
-        if i not in cache:
-            cache[i] = reference(x)
-        loss += ntp_loss(logits, x).item() * len(x)
-        kl += kl_loss(logits, cache[i]).item() * len(x)
+        totals["loss"] += ntp_loss(logits, x).item() * len(x)
+        if reference is not None:
+            if i not in cache:
+                cache[i] = reference(x)
+            totals["kl"] += kl_loss(logits, cache[i]).item() * len(x)
+        if answers:
+            start, end = answers
+            guess = logits[:, start - 1:end - 1].argmax(dim=-1)   # position p - 1 predicts token p
+            totals["accuracy"] += (guess == x[:, start:end]).all(dim=1).sum().item()
         count += len(x)
-    return loss / count, kl / count
-
-
-@torch.no_grad()
-def answer_accuracy(model, dataset, batch_size=512, max_sequences=2048, device="cpu"):
-    """Exact-match accuracy of greedy decoding on a toy task's validation rows: the model is given
-    each row up to the answer and must produce the whole answer span (answer digits and eos)."""
-    start, end = dataset.meta["answer_start"], dataset.meta["answer_end"]
-    correct, count = 0, 0
-    for x in dataset.eval_batches("val", batch_size, None, max_sequences):
-        x = x.to(device)
-        out = model.generate(x[:, :start], end - start, temperature=0)
-        correct += (out[:, start:end] == x[:, start:end]).all(dim=1).sum().item()
-        count += len(x)
-    return correct / count
+    keep = ["loss"] + (["kl"] if reference is not None else []) + (["accuracy"] if answers else [])
+    return {k: totals[k] / count for k in keep}

@@ -19,8 +19,8 @@ the target, linearly interpolated between the two evaluations around it.
 import os
 import time
 
-from common import (UserError, answer_accuracy, atomic_write_text, check_compatible, check_short_names, check_writable,
-                    eval_loss, eval_loss_and_kl, load_checkpoint, open_eval_set, pick_device, read_jsonl, run,
+from common import (UserError, atomic_write_text, check_compatible, check_short_names, check_writable,
+                    evaluate_on, load_checkpoint, open_eval_set, pick_device, read_jsonl, run,
                     time_split, write_json)
 from model import GPTConfig
 
@@ -55,15 +55,10 @@ reference_logits = {}  # dataset -> the reference's logits on its fixed sequence
 
 def measure(model, reference_model, data, dev):
     T = block_size or model.config.block_size
-    if reference_model is not None and reference_model is not model:
-        loss, kl = eval_loss_and_kl(model, reference_model, data, T, max_sequences=eval_sequences, device=dev,
-                                    reference_cache=reference_logits.setdefault(data.name, {}))
-        out = {"loss": loss, "kl_to_reference": kl}
-    else:
-        out = {"loss": eval_loss(model, data, T, max_sequences=eval_sequences, device=dev)}
-    if "answer_start" in data.meta:
-        out["accuracy"] = answer_accuracy(model, data, max_sequences=eval_sequences, device=dev)
-    return out
+    reference = reference_model if reference_model is not None and reference_model is not model else None
+    numbers = evaluate_on(model, data, T, max_sequences=eval_sequences, device=dev, reference=reference,
+                          reference_cache=reference_logits.setdefault(data.name, {}))
+    return {("kl_to_reference" if k == "kl" else k): v for k, v in numbers.items()}
 
 
 def same_model(a, b):

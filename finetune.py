@@ -29,9 +29,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
+from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    eval_loss, eval_loss_and_kl, fingerprint, from_rank0, global_mean, input_fingerprints,
+                    evaluate_on, fingerprint, from_rank0, global_mean, input_fingerprints,
                     kl_loss, known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at,
                     max_weight, ntp_loss, open_eval_set, pick_device, progress_bar, rank0_only, restore_rng,
                     rng_state, run, run_end, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
@@ -375,14 +375,12 @@ def main():
         if replay_stream and replay_stream.dataset is None:
             record["replay_sample_seconds"] = round(replay_stream.sample_seconds, 2)  # fresh replay drawn here
         for name, d in tracked.items():
-            if eval_kl:
-                record[f"val_loss/{d.short_name}"], record[f"val_kl/{d.short_name}"] = eval_loss_and_kl(
-                    student, teacher, d, T, max_sequences=eval_sequences, device=dev,
-                    reference_cache=teacher_logits.setdefault(name, {}))
-            else:
-                record[f"val_loss/{d.short_name}"] = eval_loss(student, d, T, max_sequences=eval_sequences, device=dev)
-            if "answer_start" in d.meta:
-                record[f"accuracy/{d.short_name}"] = answer_accuracy(student, d, max_sequences=eval_sequences, device=dev)
+            numbers = evaluate_on(student, d, T, max_sequences=eval_sequences, device=dev,
+                                  reference=teacher if eval_kl else None,
+                                  reference_cache=teacher_logits.setdefault(name, {}))
+            for key, prefix in (("loss", "val_loss"), ("kl", "val_kl"), ("accuracy", "accuracy")):
+                if key in numbers:
+                    record[f"{prefix}/{d.short_name}"] = numbers[key]
         student.train()
         eval_seconds += time.time() - started
         record["eval_seconds"] = round(eval_seconds, 2)

@@ -18,9 +18,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
+from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    eval_loss, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
+                    evaluate_on, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
                     ntp_loss, pick_device, progress_bar, rank0_only, restore_rng, rng_state, run, run_end,
                     sample_mixture, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
 from model import GPT, GPTConfig, count_parameters
@@ -152,9 +152,10 @@ def main():
         record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
                   "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2)}
         for d in data + extra:
-            record[f"val_loss/{d.short_name}"] = eval_loss(model, d, T, max_sequences=eval_sequences, device=dev)
-            if "answer_start" in d.meta:
-                record[f"accuracy/{d.short_name}"] = answer_accuracy(model, d, max_sequences=eval_sequences, device=dev)
+            numbers = evaluate_on(model, d, T, max_sequences=eval_sequences, device=dev)
+            record[f"val_loss/{d.short_name}"] = numbers["loss"]
+            if "accuracy" in numbers:
+                record[f"accuracy/{d.short_name}"] = numbers["accuracy"]
         model.train()
         eval_seconds += time.time() - started
         record["eval_seconds"] = round(eval_seconds, 2)
