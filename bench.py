@@ -1,16 +1,19 @@
 """
 Speed, measured side by side in one run on the same model dims:
 
-1. training step tokens/s: our hot path (torch.compile + bf16 autocast, and on CUDA our Triton
-   flash attention) against a plain nanoGPT-style baseline (eager, float32, attention through
-   PyTorch's SDPA), plus the two in between; also the finetuning step with the KL replay term;
+1. training step tokens/s: our hot path (torch.compile + bf16 autocast) against a plain
+   nanoGPT-style baseline (eager, float32), plus the two in between, attention through PyTorch's
+   SDPA (on CUDA also the hot path with our Triton flash attention); also the finetuning step with
+   the KL replay term;
 2. sampling tokens/s: KV-cache decoding (model.generate), eager and with its compiled fixed-shape
    decode step, against recomputing the whole prefix for every new token; and sampling against a
    teacher-forced forward pass of the same model, batch and length ("sample_vs_forward": a decode
    step does the same work per token, so 1.0 is the goal) for the toy model, the CPU-mini text model
-   and SmolLM2-135M (when convert.py's checkpoint is there), at the batch sizes the scripts sample with;
+   and SmolLM2-135M (convert.py's checkpoint, or its shape with random weights), at the batch sizes
+   the scripts sample with;
 3. on CUDA only: causal attention forward+backward, flash (ours) vs SDPA vs naive (materialised
-   T x T), at T = 256 ... 4096 with head dim 64, and the model FLOP utilisation of the training step.
+   T x T), at T = 256 ... 4096 with head dim 64, in ms and TFLOP/s, and the model FLOP utilisation of
+   the training step against a bf16 matrix product timed on the same GPU.
 
 Prints markdown tables and writes results/bench.json (train_speedup_vs_baseline,
 sample_speedup_vs_naive, sample_vs_forward, ...).
