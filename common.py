@@ -815,7 +815,11 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
     would first go wrong, so does that argmax), and the loss's logits hold those argmaxes."""
     answers = (dataset.meta["answer_start"], dataset.meta["answer_end"]) if "answer_start" in dataset.meta else None
     cache = {} if reference_cache is None else reference_cache
-    totals, count = {"loss": 0.0, "kl": 0.0, "accuracy": 0.0}, 0
+    totals, count = {"loss": 0.0}, 0
+    if reference is not None:
+        totals["kl"] = 0.0
+    if answers:
+        totals["accuracy"] = 0.0
     for i, x in enumerate(dataset.eval_batches("val", batch_size, block_size, max_sequences)):
         x = x.to(device)
         logits = model(x)
@@ -829,5 +833,4 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
             guess = logits[:, start - 1:end - 1].argmax(dim=-1)   # position p - 1 predicts token p
             totals["accuracy"] += (guess == x[:, start:end]).all(dim=1).sum().item()
         count += len(x)
-    keep = ["loss"] + (["kl"] if reference is not None else []) + (["accuracy"] if answers else [])
-    return {k: totals[k] / count for k in keep}
+    return {k: v / count for k, v in totals.items()}

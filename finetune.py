@@ -349,9 +349,8 @@ def main():
             replay_stream.load_state(state["train_state"]["replay"])
         start_step = state["step"]
         print(f"resuming {ckpt_path} at step {start_step}")
-    # seconds spent in training steps alone (no evaluation, no checkpoints): the compute axis of the
-    # learning-rate study, carried over when a run resumes
-    # (and eval_seconds: in evaluations, the current one included), carried over when a run resumes
+    # seconds spent in training steps alone (no evaluation, no checkpoints: the compute axis of the
+    # learning-rate study) and in evaluations (the current one included), carried over a resume
     train_seconds = eval_seconds = 0.0
     if is_main:
         n_total = sum(p.numel() for p in student.parameters())
