@@ -32,9 +32,10 @@ elif [ "$PROFILE" = cpu ]; then
     # first included, cools down once learned, and replay gets as many sequences per step as the new
     # task (the study's balance): with half as many, add (the most fragile task) ended 1-2 points lower.
     # A shorter cooldown does not keep it either: with 60 steps, add ended at 0.974 (add first, seed 1).
-    : ${WIDTH:=128} ${BATCH:=256} ${PRETRAIN_STEPS:=800} ${PRETRAIN_LR:=3e-3} ${PRETRAIN_SCHEDULE:=cosine}
+    # Batches of 192 (not 256) keep the demo inside 5 minutes: 255 s against 318 s, add 0.991 (seed 1337).
+    : ${WIDTH:=128} ${BATCH:=192} ${PRETRAIN_STEPS:=800} ${PRETRAIN_LR:=3e-3} ${PRETRAIN_SCHEDULE:=cosine}
     : ${PRETRAIN_WARMUP:=50} ${PRETRAIN_TARGET:=0.99} ${PRETRAIN_COOLDOWN:=100} ${STEPS:=1500} ${LR:=3e-3} ${WARMUP:=50}
-    : ${REPLAY:=kl} ${COEFF:=1} ${REPLAY_BATCH:=256} ${TARGET_ACCURACY:=0.95} ${COOLDOWN:=100} ${EVAL_INTERVAL:=25}
+    : ${REPLAY:=kl} ${COEFF:=1} ${REPLAY_BATCH:=192} ${TARGET_ACCURACY:=0.95} ${COOLDOWN:=100} ${EVAL_INTERVAL:=25}
 else
     echo "toy_continual.sh: PROFILE=$PROFILE must be cpu or study" >&2; exit 2
 fi
