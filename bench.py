@@ -1,27 +1,34 @@
 """
 Speed, measured side by side in one run on the same model dims:
 
-1. training step tokens/s: our hot path (torch.compile + bf16 autocast, and on CUDA our Triton
-   flash attention) against a plain nanoGPT-style baseline (eager, float32, attention through
-   PyTorch's SDPA), plus the two in between; also the finetuning step with the KL replay term;
+1. training step tokens/s: our hot path (torch.compile + bf16 autocast) against a plain
+   nanoGPT-style baseline (eager, float32), plus the two in between, attention through PyTorch's
+   SDPA (on CUDA also the hot path with our Triton flash attention); also the finetuning step with
+   the KL replay term;
 2. sampling tokens/s: KV-cache decoding (model.generate), eager and with its compiled fixed-shape
-   decode step, against recomputing the whole prefix for every new token;
+   decode step, against recomputing the whole prefix for every new token; and sampling against a
+   teacher-forced forward pass of the same model, batch and length ("sample_vs_forward": a decode
+   step does the same work per token, so 1.0 is the goal) for the toy model, the CPU-mini text model
+   and SmolLM2-135M (convert.py's checkpoint, or its shape with random weights), at the batch sizes
+   the scripts sample with;
 3. on CUDA only: causal attention forward+backward, flash (ours) vs SDPA vs naive (materialised
-   T x T), at T = 256 ... 4096 with head dim 64, and the model FLOP utilisation of the training step.
+   T x T), at T = 256 ... 4096 with head dim 64, in ms and TFLOP/s, and the model FLOP utilisation of
+   the training step against a bf16 matrix product timed on the same GPU.
 
 Prints markdown tables and writes results/bench.json (train_speedup_vs_baseline,
-sample_speedup_vs_naive, ...).
+sample_speedup_vs_naive, sample_vs_forward, ...).
 
     python bench.py                          # 4 layers, D=128, T=128, V=4096 (the CPU-mini text model)
     python bench.py --width=128 --depth=2 --head_dim=16 --block_size=14 --vocab_size=19 --batch_size=256
 """
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 import model as model_module
-from common import kl_loss, ntp_loss, pick_device, run, write_json
+from common import kl_loss, load_checkpoint, ntp_loss, pick_device, run, write_json
 from model import GPT, GPTConfig
 
 width = 128
@@ -34,8 +41,16 @@ warmup_steps = 3         # untimed steps first (compilation happens here)
 timed_steps = 30
 sample_batch = 64          # replay corpora are sampled in large batches (sample_replay.py: 1024)
 new_tokens = 128
+sample_repeats = 3         # sample_vs_forward: the median of this many timed runs of each
+smollm2_checkpoint = "out/smollm2/ckpt.pt"  # convert.py's output; without it the smollm2 row is null
 device = "auto"
 out_json = "results/bench.json"
+
+# SmolLM2-135M's architecture (as convert.py reads it from the GGUF metadata), for the smollm2 row when
+# convert.py's checkpoint is absent
+SMOLLM2_SHAPE = GPTConfig(vocab_size=49152, block_size=8192, width=576, depth=30, head_dim=64, n_kv_heads=3,
+                          mlp="swiglu", mlp_width=1536, norm_gain=True, norm_eps=1e-5, qk_norm=False,
+                          rope_theta=100_000.0, tie_embeddings=True)
 
 
 def sync(dev):
@@ -66,7 +81,7 @@ def new_model(dev, block=None):
 def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
     """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: student on a new and a
     replay batch, frozen teacher on the replay batch)."""
-    model_module.ATTENTION = attention
+    default, model_module.ATTENTION = model_module.ATTENTION, attention
     model = new_model(dev)
     teacher = new_model(dev).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -87,7 +102,7 @@ def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
         optimizer.zero_grad(set_to_none=True)
 
     seconds, warm = timed(step, dev, warmup_steps, timed_steps)
-    model_module.ATTENTION = "auto"
+    model_module.ATTENTION = default
     tokens = batch_size * block_size * (2 if with_kl else 1)
     return tokens / seconds, warm
 
@@ -113,6 +128,43 @@ def sampling_speed(dev):
     return tokens / cached_s, tokens / compiled_s, tokens / naive_s
 
 
+def sample_vs_forward(dev):
+    """{model: (sampling tokens/s, forward tokens/s)} for B sequences of T tokens: model.generate from
+    one prompt token against one teacher-forced forward pass over (B, T) tokens, same dtype. The
+    batches are the scripts': toy_continual.sh samples 4096 at a time, english_spanish.sh 512,
+    released_model.py 256."""
+    toy = GPTConfig(vocab_size=19, block_size=14, width=128, depth=2, head_dim=16)
+    text = GPTConfig(vocab_size=4096, block_size=128, width=128, depth=4, head_dim=32)
+    models = {"toy": (toy, 4096, 14), "text": (text, 512, 128), "smollm2": (smollm2_checkpoint, 256, 128)}
+    speeds = {}
+    for name, (config, batch, length) in models.items():
+        torch.manual_seed(0)
+        if isinstance(config, GPTConfig):
+            model = GPT(config).to(dev).eval()
+        elif os.path.exists(config):
+            model = load_checkpoint(config, dev)[0].eval()
+        else:  # the cost of a step does not depend on the weights' values, only on the architecture
+            print(f"{name}: {config} not found (python convert.py makes it): SmolLM2-135M's shape, random weights")
+            model = GPT(SMOLLM2_SHAPE).to(dev).eval()
+        x = torch.randint(0, model.config.vocab_size, (batch, length), device=dev)
+
+        def forward():
+            with torch.no_grad():
+                model(x)
+
+        def sample():
+            model.generate(x[:, :1], length - 1, generator=torch.Generator(device=dev).manual_seed(0))
+
+        tokens = batch * length
+        rates = []
+        for fn in (sample, forward):  # the median of sample_repeats timed runs, after one untimed
+            fn()
+            times = sorted(timed(fn, dev, 0, 1)[0] for _ in range(sample_repeats))
+            rates.append(tokens / times[len(times) // 2])
+        speeds[name] = tuple(rates)
+    return speeds
+
+
 def attention_speeds(dev):
     """CUDA: forward+backward milliseconds of flash vs SDPA vs naive causal attention, bf16."""
     rows = []
@@ -129,17 +181,27 @@ def attention_speeds(dev):
         fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), "naive": naive}
         if flash is not None:
             fns["flash"] = lambda: flash(q, k, v)
+        # FlashAttention-2's convention: a causal forward does 2 B H T^2 d FLOPs, the backward 2.5 times that
+        flops = 3.5 * 2 * B * H * T * T * 64
         row = {"T": T}
         for name, fn in fns.items():
-            row[name] = timed(lambda: fn().sum().backward(), dev, 3, 10)[0] * 1000
+            row[name] = timed(lambda: fn().sum().backward(), dev, 3, 20)[0] * 1000
+            row[f"{name}_tflops"] = flops / row[name] / 1e9
         rows.append(row)
     return rows
+
+
+def matmul_peak(dev, n=8192):
+    """FLOP/s of a bf16 n x n x n matrix product on random data: the GPU's practical peak, the median of 5."""
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    times = sorted(timed(lambda: a @ b, dev, 3, 10)[0] for _ in range(5))
+    return 2 * n ** 3 / times[2]
 
 
 def main():
     dev = pick_device(device)
     on_cuda = dev.startswith("cuda")
-    hot_attention = "auto"  # flash on CUDA when Triton is there, SDPA on CPU
+    hot_attention = model_module.ATTENTION  # the default: PyTorch's SDPA
     print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, vocab {vocab_size}; "
           f"batch {batch_size}; device {dev}" + ("" if on_cuda else f" ({torch.get_num_threads()} threads)"))
 
@@ -149,6 +211,8 @@ def main():
         "compiled fp32": (True, False, hot_attention),
         "hot path: compiled bf16": (True, True, hot_attention),
     }
+    if on_cuda:
+        variants["compiled bf16, our flash kernel"] = (True, True, "flash")
     train = {name: train_step_speed(dev, *v) for name, v in variants.items()}
     base = train["baseline: eager fp32 SDPA"][0]
     print("\n| training step | tokens/s | vs baseline | first steps (s) |\n|---|---|---|---|")
@@ -165,6 +229,12 @@ def main():
           f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s ({compiled / naive:.1f}x), "
           f"naive prefix recomputation {naive:,.0f} tokens/s")
 
+    ratios = sample_vs_forward(dev)
+    print("\n| model | sampling tokens/s | forward tokens/s | sampling / forward |\n|---|---|---|---|")
+    for name, r in ratios.items():
+        if r is not None:
+            print(f"| {name} | {r[0]:,.0f} | {r[1]:,.0f} | {r[0] / r[1]:.2f}x |")
+
     report = {
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads",
         "config": {k: globals()[k] for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
@@ -174,20 +244,26 @@ def main():
         "sample_tokens_per_second": {"kv_cache": cached, "kv_cache_compiled_step": compiled, "naive": naive},
         "sample_speedup_vs_naive": cached / naive,
         "sample_compiled_speedup_vs_naive": compiled / naive,
+        "sample_vs_forward": {k: None if r is None else r[0] / r[1] for k, r in ratios.items()},
+        "sample_vs_forward_tokens_per_second": {k: None if r is None else {"sample": r[0], "forward": r[1]}
+                                                for k, r in ratios.items()},
     }
     if on_cuda:
         rows = attention_speeds(dev)
-        print("\n| T | flash fwd+bwd (ms) | SDPA (ms) | naive (ms) | flash vs SDPA |\n|---|---|---|---|---|")
+        print("\n| T | flash fwd+bwd ms (TFLOP/s) | SDPA ms (TFLOP/s) | naive ms (TFLOP/s) | flash vs SDPA |"
+              "\n|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['T']} | {r.get('flash', float('nan')):.3f} | {r['sdpa']:.3f} | {r['naive']:.3f} | "
-                  f"{r['sdpa'] / r.get('flash', float('nan')):.2f}x |")
+            cells = [f"{r[k]:.3f} ({r[k + '_tflops']:.0f})" if k in r else "-" for k in ("flash", "sdpa", "naive")]
+            print(f"| {r['T']} | {' | '.join(cells)} | {r['sdpa'] / r.get('flash', float('nan')):.2f}x |")
         report["attention_ms"] = rows
         # model FLOPs per token: 6 N for the weights plus 6 L T D for attention (causal halves 12 L T D)
         n_params = 12 * depth * width ** 2 + width * vocab_size
         flops_per_token = 6 * n_params + 6 * depth * block_size * width
-        peak = 989e12 if "H100" in report["device"] or "H200" in report["device"] else float("nan")
+        peak = matmul_peak(dev)
+        report["bf16_matmul_tflops"] = peak / 1e12
         report["mfu"] = train["hot path: compiled bf16"][0] * flops_per_token / peak
-        print(f"\nMFU of the hot-path training step: {report['mfu']:.1%} (of {peak / 1e12:.0f} TFLOP/s bf16)")
+        print(f"\nMFU of the hot-path training step: {report['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s "
+              f"(a bf16 8192^3 matrix product measured here)")
     write_json(out_json, report)
     print(f"\nwrote {out_json}")
 

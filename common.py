@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -144,6 +145,35 @@ def pick_device(device):
             raise UserError("--device=mps: this machine has no Apple GPU that torch can use; use --device=cpu")
         return device
     raise UserError(f"--device={device!r} must be auto, cpu, cuda, cuda:N or mps")
+
+
+class _LinesEvery:
+    """A file for tqdm when stderr is not a terminal (a log file, a pipe): instead of a carriage-return
+    redraw per step (hundreds of KB of them in a log), one plain line every `seconds`, and the final
+    state when the bar closes."""
+
+    def __init__(self, stream, seconds):
+        self.stream, self.seconds = stream, seconds
+        self.pending, self.last = "", 0.0
+
+    def write(self, text):
+        shown = text.replace("\r", "").replace("\x1b[A", "").strip()
+        if shown:  # (tqdm also writes blanks to clear its line: nothing to show)
+            self.pending = shown
+        if self.pending and ("\n" in text or time.time() - self.last >= self.seconds):
+            self.stream.write(self.pending + "\n")
+            self.stream.flush()
+            self.pending, self.last = "", time.time()
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(iterable, desc, disable=False, seconds=10.0):
+    """tqdm over iterable: a live bar on a terminal, a line every few seconds in a file."""
+    if disable or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=disable)
+    return tqdm(iterable, desc=desc, file=_LinesEvery(sys.stderr, seconds), ncols=100, ascii=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,6 +551,28 @@ def read_jsonl(path):
     return records
 
 
+def time_split(paths):
+    """Where an experiment's time went, from its run folders (and any below them) and replay corpus
+    files: training (each log's train_seconds), sampling (the corpora's meta["seconds"], and fresh
+    replay drawn during finetuning) and evaluation (each log's eval_seconds)."""
+    split = {"sampling": 0.0, "training": 0.0, "evaluation": 0.0}
+    files = [p for p in paths if os.path.isfile(p)]
+    files += [os.path.join(folder, name) for p in paths if os.path.isdir(p)
+              for folder, _, names in sorted(os.walk(p)) for name in sorted(names)]
+    for path in files:
+        name = os.path.basename(path)
+        if name == "log.jsonl":
+            last = read_jsonl(path)[-1]
+            split["training"] += last.get("train_seconds", 0.0)
+            split["sampling"] += last.get("replay_sample_seconds", 0.0)
+            split["evaluation"] += last.get("eval_seconds", 0.0)
+        elif name.endswith(".pt") and name != "ckpt.pt":
+            corpus = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(corpus, dict) and "seconds" in corpus.get("meta", {}):
+                split["sampling"] += corpus["meta"]["seconds"]
+    return {k: round(v, 1) for k, v in split.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # datasets on disk: data/<name>/{train,val}.bin (uint16 token ids) + meta.json
 #
@@ -752,44 +804,33 @@ def load_checkpoint(path, device="cpu"):
 # evaluation helpers
 
 @torch.no_grad()
-def eval_loss(model, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu"):
-    """Mean next-token loss on the fixed validation sequences."""
-    total, count = 0.0, 0
-    for x in dataset.eval_batches("val", batch_size, block_size, max_sequences):
-        x = x.to(device)
-        total += ntp_loss(model(x), x).item() * len(x)
-        count += len(x)
-    return total / count
-
-
-@torch.no_grad()
-def eval_loss_and_kl(model, reference, dataset, block_size, batch_size=256, max_sequences=2048, device="cpu",
-                     reference_cache=None):
-    """Mean next-token loss and mean KL(reference || model) on the fixed validation sequences, from
-    one forward pass of each model. The reference is frozen and the sequences are fixed, so its
-    logits can be kept between calls: pass a dict as reference_cache (one per dataset)."""
+def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", reference=None,
+                reference_cache=None, batch_size=256):
+    """Validation numbers on the fixed validation sequences, from one forward pass of the model:
+    "loss", the mean next-token loss; "kl", the mean KL(reference || model), when a frozen reference
+    is given (its logits can be kept between calls: pass a dict as reference_cache, one per dataset);
+    and on a toy task's rows "accuracy", the exact-match accuracy of greedy decoding. That needs no
+    decoding: greedy decoding writes a row's whole answer exactly when, fed the true answer so far,
+    the model's most likely next token is the true one at every answer position (where decoding
+    would first go wrong, so does that argmax), and the loss's logits hold those argmaxes."""
+    answers = (dataset.meta["answer_start"], dataset.meta["answer_end"]) if "answer_start" in dataset.meta else None
     cache = {} if reference_cache is None else reference_cache
-    loss, kl, count = 0.0, 0.0, 0
+    totals, count = {"loss": 0.0}, 0
+    if reference is not None:
+        totals["kl"] = 0.0
+    if answers:
+        totals["accuracy"] = 0.0
     for i, x in enumerate(dataset.eval_batches("val", batch_size, block_size, max_sequences)):
         x = x.to(device)
         logits = model(x)
-        if i not in cache:
-            cache[i] = reference(x)
-        loss += ntp_loss(logits, x).item() * len(x)
-        kl += kl_loss(logits, cache[i]).item() * len(x)
+        totals["loss"] += ntp_loss(logits, x).item() * len(x)
+        if reference is not None:
+            if i not in cache:
+                cache[i] = reference(x)
+            totals["kl"] += kl_loss(logits, cache[i]).item() * len(x)
+        if answers:
+            start, end = answers
+            guess = logits[:, start - 1:end - 1].argmax(dim=-1)   # position p - 1 predicts token p
+            totals["accuracy"] += (guess == x[:, start:end]).all(dim=1).sum().item()
         count += len(x)
-    return loss / count, kl / count
-
-
-@torch.no_grad()
-def answer_accuracy(model, dataset, batch_size=512, max_sequences=2048, device="cpu"):
-    """Exact-match accuracy of greedy decoding on a toy task's validation rows: the model is given
-    each row up to the answer and must produce the whole answer span (answer digits and eos)."""
-    start, end = dataset.meta["answer_start"], dataset.meta["answer_end"]
-    correct, count = 0, 0
-    for x in dataset.eval_batches("val", batch_size, None, max_sequences):
-        x = x.to(device)
-        out = model.generate(x[:, :start], end - start, temperature=0)
-        correct += (out[:, start:end] == x[:, start:end]).all(dim=1).sum().item()
-        count += len(x)
-    return correct / count
+    return {k: v / count for k, v in totals.items()}

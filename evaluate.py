@@ -19,9 +19,9 @@ the target, linearly interpolated between the two evaluations around it.
 import os
 import time
 
-from common import (UserError, answer_accuracy, atomic_write_text, check_compatible, check_short_names, check_writable,
-                    eval_loss, eval_loss_and_kl, load_checkpoint, open_eval_set, pick_device, read_jsonl, run,
-                    write_json)
+from common import (UserError, atomic_write_text, check_compatible, check_short_names, check_writable,
+                    evaluate_on, load_checkpoint, open_eval_set, pick_device, read_jsonl, run,
+                    time_split, write_json)
 from model import GPTConfig
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
@@ -32,6 +32,8 @@ eval_sequences = 2048
 out_json = "results/eval.json"
 out_md = ""
 started_at = 0.0                                 # unix time the experiment began; recorded as "seconds"
+time_runs = ""                                   # comma-separated run folders and replay corpora of the
+                                                 # experiment: report where its time went
 device = "auto"
 # -- comparison at matched loss, from finetuning logs instead of checkpoints
 logs = ""                                        # comma-separated name=path/to/log.jsonl
@@ -53,15 +55,10 @@ reference_logits = {}  # dataset -> the reference's logits on its fixed sequence
 
 def measure(model, reference_model, data, dev):
     T = block_size or model.config.block_size
-    if reference_model is not None and reference_model is not model:
-        loss, kl = eval_loss_and_kl(model, reference_model, data, T, max_sequences=eval_sequences, device=dev,
-                                    reference_cache=reference_logits.setdefault(data.name, {}))
-        out = {"loss": loss, "kl_to_reference": kl}
-    else:
-        out = {"loss": eval_loss(model, data, T, max_sequences=eval_sequences, device=dev)}
-    if "answer_start" in data.meta:
-        out["accuracy"] = answer_accuracy(model, data, max_sequences=eval_sequences, device=dev)
-    return out
+    reference = reference_model if reference_model is not None and reference_model is not model else None
+    numbers = evaluate_on(model, data, T, max_sequences=eval_sequences, device=dev, reference=reference,
+                          reference_cache=reference_logits.setdefault(data.name, {}))
+    return {("kl_to_reference" if k == "kl" else k): v for k, v in numbers.items()}
 
 
 def same_model(a, b):
@@ -151,9 +148,13 @@ def check_outputs():
 
 
 def main():
+    began = time.time()
     if logs:
         return compare_at_matched_loss()
     check_outputs()
+    missing = [f for f in time_runs.split(",") if f and not os.path.exists(f)]
+    if missing:
+        raise UserError(f"--time_runs: {missing[0]} does not exist: give the experiment's run folders and corpora")
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
@@ -198,6 +199,12 @@ def main():
               "reference": reference or None}
     if started_at:
         report["seconds"] = round(time.time() - started_at, 1)
+    if time_runs:  # sampling, training, evaluation (the runs' and this script's), other = the rest
+        split = time_split(time_runs.split(","))
+        split["evaluation"] = round(split["evaluation"] + time.time() - began, 1)
+        if started_at:
+            split["other"] = round(report["seconds"] - sum(split.values()), 1)
+        report["time_split"] = split
     table = markdown_table(results, [d.short_name for d in data], steps)
     write_report(report, table)
 

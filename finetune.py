@@ -29,12 +29,12 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
+from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    eval_loss, eval_loss_and_kl, fingerprint, from_rank0, global_mean, input_fingerprints, kl_loss,
-                    known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at, max_weight, ntp_loss,
-                    open_eval_set, pick_device, rank0_only, restore_rng, rng_state, run, run_end, save_checkpoint,
-                    set_seed, setup_distributed, shard, prepare_log)
+                    evaluate_on, fingerprint, from_rank0, global_mean, input_fingerprints,
+                    kl_loss, known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at,
+                    max_weight, ntp_loss, open_eval_set, pick_device, progress_bar, rank0_only, restore_rng,
+                    rng_state, run, run_end, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -349,14 +349,15 @@ def main():
             replay_stream.load_state(state["train_state"]["replay"])
         start_step = state["step"]
         print(f"resuming {ckpt_path} at step {start_step}")
-    # seconds spent in training steps alone (no evaluation, no checkpoints): the compute axis of the
-    # learning-rate study, carried over when a run resumes
-    train_seconds = 0.0
+    # seconds spent in training steps alone (no evaluation, no checkpoints: the compute axis of the
+    # learning-rate study) and in evaluations (the current one included), carried over a resume
+    train_seconds = eval_seconds = 0.0
     if is_main:
         n_total = sum(p.numel() for p in student.parameters())
         print(f"training {sum(p.numel() for p in trainable):,} of {n_total:,} parameters")
         os.makedirs(out_dir, exist_ok=True)
-        train_seconds = (prepare_log(log_path, start_step) or {}).get("train_seconds", 0.0)
+        kept = prepare_log(log_path, start_step) or {}
+        train_seconds, eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
 
     objective = Objective(torch.compile(student) if compile else student, teacher)
     step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
@@ -365,21 +366,23 @@ def main():
     teacher_logits = {}  # the frozen teacher's logits on the fixed validation sequences, computed once
 
     def evaluate(step, losses, t0):
+        nonlocal eval_seconds
+        started = time.time()
         student.eval()
         record = {"step": step, "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2),
                   "replay_passes": replay_stream.passes if replay_stream else 0, **losses}
         if replay_stream and replay_stream.dataset is None:
             record["replay_sample_seconds"] = round(replay_stream.sample_seconds, 2)  # fresh replay drawn here
         for name, d in tracked.items():
-            if eval_kl:
-                record[f"val_loss/{d.short_name}"], record[f"val_kl/{d.short_name}"] = eval_loss_and_kl(
-                    student, teacher, d, T, max_sequences=eval_sequences, device=dev,
-                    reference_cache=teacher_logits.setdefault(name, {}))
-            else:
-                record[f"val_loss/{d.short_name}"] = eval_loss(student, d, T, max_sequences=eval_sequences, device=dev)
-            if "answer_start" in d.meta:
-                record[f"accuracy/{d.short_name}"] = answer_accuracy(student, d, max_sequences=eval_sequences, device=dev)
+            numbers = evaluate_on(student, d, T, max_sequences=eval_sequences, device=dev,
+                                  reference=teacher if eval_kl else None,
+                                  reference_cache=teacher_logits.setdefault(name, {}))
+            for key, prefix in (("loss", "val_loss"), ("kl", "val_kl"), ("accuracy", "accuracy")):
+                if key in numbers:
+                    record[f"{prefix}/{d.short_name}"] = numbers[key]
         student.train()
+        eval_seconds += time.time() - started
+        record["eval_seconds"] = round(eval_seconds, 2)
         check_diverged(record, student, start_weight, last_saved, "lower --learning_rate or --replay_coeff")
         append_jsonl(log_path, record)
         return record
@@ -406,7 +409,7 @@ def main():
     if start_step and state["train_state"].get("cooldown_from") is not None:
         cooldown_from, stop_reason = state["train_state"]["cooldown_from"], state["stop_reason"]
     last_step = run_end(max_steps, cooldown_from, cooldown_steps)
-    pbar = tqdm(range(start_step, max_steps), desc="finetune", dynamic_ncols=True, disable=not is_main)
+    pbar = progress_bar(range(start_step, max_steps), "finetune", disable=not is_main)
     for step in pbar:
         step_started = time.time()
         for group in optimizer.param_groups:

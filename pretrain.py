@@ -18,11 +18,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, answer_accuracy, append_jsonl, check_compatible, check_diverged,
+from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    eval_loss, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
-                    ntp_loss, pick_device, rank0_only, restore_rng, rng_state, run, run_end, sample_mixture,
-                    save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
+                    evaluate_on, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
+                    ntp_loss, pick_device, progress_bar, rank0_only, restore_rng, rng_state, run, run_end,
+                    sample_mixture, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
 from model import GPT, GPTConfig, count_parameters
 
 # -- I/O
@@ -136,7 +136,9 @@ def main():
               f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
               + (f"; {world_size} processes" if world_size > 1 else ""))
         os.makedirs(out_dir, exist_ok=True)
-        prepare_log(log_path, start_step)
+    # seconds in training steps alone and in evaluations (the current one included), carried over a resume
+    kept = (prepare_log(log_path, start_step) if is_main else None) or {}
+    train_seconds, eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
 
     train_model = torch.compile(model) if compile else model
     if world_size > 1:
@@ -144,14 +146,19 @@ def main():
     autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def evaluate(step, train_loss, t0):
+        nonlocal eval_seconds
+        started = time.time()
         model.eval()
         record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
-                  "seconds": round(time.time() - t0, 2)}
+                  "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2)}
         for d in data + extra:
-            record[f"val_loss/{d.short_name}"] = eval_loss(model, d, T, max_sequences=eval_sequences, device=dev)
-            if "answer_start" in d.meta:
-                record[f"accuracy/{d.short_name}"] = answer_accuracy(model, d, max_sequences=eval_sequences, device=dev)
+            numbers = evaluate_on(model, d, T, max_sequences=eval_sequences, device=dev)
+            record[f"val_loss/{d.short_name}"] = numbers["loss"]
+            if "accuracy" in numbers:
+                record[f"accuracy/{d.short_name}"] = numbers["accuracy"]
         model.train()
+        eval_seconds += time.time() - started
+        record["eval_seconds"] = round(eval_seconds, 2)
         check_diverged(record, model, start_weight, last_saved, "lower --learning_rate")
         append_jsonl(log_path, record)
         return record
@@ -161,13 +168,14 @@ def main():
     t0 = time.time()
     if is_main and start_step == 0:
         evaluate(0, None, t0)  # the untrained model, so curves start at chance
-    pbar = tqdm(range(start_step, total_steps), desc="pretrain", dynamic_ncols=True, disable=not is_main)
+    pbar = progress_bar(range(start_step, total_steps), "pretrain", disable=not is_main)
     # a reached target starts the cooldown (total_steps: none yet), and the run ends cooldown_steps later
     cooldown_from = total_steps
     if start_step and ckpt["train_state"].get("cooldown_from") is not None:
         cooldown_from = ckpt["train_state"]["cooldown_from"]
     last_step = run_end(total_steps, cooldown_from, cooldown_steps)
     for step in pbar:
+        step_started = time.time()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr,
                                 cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
@@ -180,6 +188,7 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = global_mean(loss, world_size).item()
+        train_seconds += time.time() - step_started
         pbar.set_postfix(loss=f"{train_loss:.4f}")
 
         if (step + 1) % eval_interval == 0 or step + 1 == last_step:

@@ -16,7 +16,7 @@ held-out self-generated samples (KL to the reference).
 
     pip install -r requirements-released.txt
     apt-get install -y --no-install-recommends sword-text-web sword-text-sparv
-    python released_model.py                   # CPU profile: 43 min on 2 cores
+    python released_model.py                   # CPU profile: 42 min on 2 cores
     python released_model.py --profile=gpu     # longer sequences, larger batches, more steps
 
 Every stage is a plain call of convert.py, data/bible/prepare.py, sample_replay.py, finetune.py,
@@ -49,7 +49,8 @@ standard_steps = 30              # plain finetuning steps that set the Spanish t
 max_steps = 48                   # the other methods stop at the target or after this many steps
 eval_interval = 6
 eval_sequences = 24              # validation windows per set (English, Spanish, self-generated)
-sample_batch_size = 64
+sample_batch_size = 256          # sequences sampled at once: at 64 a decode step's matmuls are too small to
+                                 # keep 2 CPU cores busy (sampling ran at 0.40x the forward pass's tokens/s)
 dtype = "bfloat16"               # autocast the training step's matmuls (log-softmax stays float32)
 compile = False
 device = "auto"
@@ -164,8 +165,15 @@ def main():
                                                     "learning_rate", "lora_rank", "lora_learning_rate", "coeff",
                                                     "standard_steps", "max_steps", "eval_interval", "eval_sequences",
                                                     "dtype")}
-    result["seconds"] = {"stages": {k: round(v, 1) for k, v in timings.items()},
-                         "total": round(sum(timings.values()), 1)}   # plot.py's few seconds come after
+    total = sum(timings.values())   # plot.py's few seconds come after
+    runs = [logs[m][-1] for m in METHODS]
+    sampled = sum(r.get("replay_sample_seconds", 0.0) for r in runs)
+    split = {"sampling": timings.get("sample_replay", 0.0) + timings.get("sample_heldout_self", 0.0) + sampled,
+             "training": sum(r["train_seconds"] for r in runs),
+             "evaluation": sum(r["eval_seconds"] for r in runs) + timings["evaluate"]}
+    split["other"] = total - sum(split.values())   # conversion, tokenizing, loading, process start-up
+    result["seconds"] = {"stages": {k: round(v, 1) for k, v in timings.items()}, "total": round(total, 1),
+                         "split": {k: round(v, 1) for k, v in split.items()}}
     write_json("results/released_model.json", result)
 
     lines = [f"Spanish target {target:.3f} (reference: English {reference['val_loss/en']:.3f}, "

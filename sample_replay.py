@@ -17,10 +17,9 @@ import os
 import time
 
 import torch
-from tqdm import tqdm
 
 from common import (Lock, UserError, atomic_torch_save, fingerprint, known_tokenizers, load_checkpoint, pick_device,
-                    remove_stale_temporaries, run, set_seed)
+                    progress_bar, remove_stale_temporaries, run, set_seed)
 
 init_from = "out/pretrain_add/ckpt.pt"
 out = "out/replay_add.pt"
@@ -100,7 +99,7 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         generator.set_state(partial["generator"])
         print(f"resuming sampling after {len(partial['tokens']):,} sequences")
     done = len(out[0]) if out else 0
-    for i in tqdm(range(done, len(prompt_tokens), batch_size), desc="sampling", dynamic_ncols=True, disable=not progress):
+    for i in progress_bar(range(done, len(prompt_tokens), batch_size), "sampling", disable=not progress):
         idx = prompt_tokens[i:i + batch_size, None].to(device)
         out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
                                   generator=generator, compile_step=compile).cpu())

@@ -19,7 +19,7 @@ def test_the_toy_demo_runs_end_to_end_and_writes_its_results(tmp_path):
     tasks = ["add", "reversal", "sort", "modadd"]
     assert sorted(report["arms"]) == ["no_replay", "replay"] and all(sorted(a) == sorted(tasks)
                                                                       for a in report["arms"].values())
-    assert report["seconds"] > 0
+    assert report["seconds"] > 0 and report["time_split"]["training"] > 0 and report["time_split"]["sampling"] > 0
     assert (tmp_path / "toy_continual.md").exists() and (tmp_path / "toy_continual.png").exists()
     # each replay run read a corpus kept outside its own folder, and never saw a sequence twice
     for task in tasks[1:]:

@@ -66,7 +66,7 @@ def test_unsupported_head_dim_is_refused():
 @pytest.mark.parametrize("kv_heads", [0, 1], ids=["paper", "grouped-query"])
 def test_the_model_runs_on_the_kernel_when_asked(monkeypatch, kv_heads):
     import model
-    monkeypatch.setattr(model, "ATTENTION", "flash")   # on CUDA "auto" picks it; on CPU only on request
+    monkeypatch.setattr(model, "ATTENTION", "flash")   # the default is SDPA; the kernel runs on request
     torch.manual_seed(0)
     config = model.GPTConfig(vocab_size=50, block_size=32, width=64, depth=1, head_dim=32, n_kv_heads=kv_heads)
     gpt = model.GPT(config).to(DEVICE)
@@ -84,3 +84,16 @@ def test_bfloat16_at_real_sizes_on_the_gpu(T):
     out_error, grad_errors = errors_against_float64(4, 8, T, 64, torch.bfloat16)
     assert out_error < 2e-2  # bfloat16 inputs: about 3 significant digits
     assert all(e < 5e-2 for e in grad_errors)
+
+
+@pytest.mark.parametrize("T", [37, 70, 96])
+def test_unequal_tiles_split_the_diagonal_correctly(monkeypatch, T):
+    """The kernels skip the causal mask on blocks wholly below the diagonal; with query and key tiles
+    of different sizes (as the GPU's bfloat16 tiles are) the diagonal must still be found exactly."""
+    import flash_attention as module
+    monkeypatch.setattr(module, "_tiles", lambda head_dim, T, dtype: {
+        "forward": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)})
+    torch.manual_seed(T)
+    out_error, grad_errors = errors_against_float64(1, 2, T, 16, torch.float32)
+    assert out_error < 1e-4
+    assert all(e < 1e-4 for e in grad_errors)

@@ -1,9 +1,10 @@
 """The GPT definition: architecture facts, KV-cache decoding, parameter counting."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import greedy_by_recomputing
-from model import GPT, GPTConfig, KVCache, count_parameters
+from model import GPT, GPTConfig, KVCache, count_parameters, decode_attention, sample_next
 
 
 def tiny(vocab_size=23, block_size=16, width=32, depth=2, head_dim=8, seed=0):
@@ -117,3 +118,28 @@ def test_compiled_decode_step_generates_the_same_tokens(switches):
     eager = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3))
     compiled = model.generate(prompt, 12, generator=torch.Generator().manual_seed(3), compile_step=True)
     assert torch.equal(eager, compiled)
+
+
+def test_sampling_draws_each_token_with_its_softmax_probability():
+    # one uniform number per row inverts the cumulative distribution; the frequencies over 400k
+    # rows must match the float64 softmax, rare tokens included, and an impossible token never appears
+    logits = torch.tensor([2.0, 0.0, -1.0, -6.0, 1.0, float("-inf"), -9.0, 0.5])
+    draws = sample_next(logits.expand(400_000, -1), generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=8).double()
+    probs = F.softmax(logits.double(), dim=-1)
+    expected = probs * len(draws)
+    sigma = (expected * (1 - probs)).sqrt()
+    assert counts[5] == 0
+    assert ((counts - expected).abs() <= 5 * sigma + 1).all(), (counts, expected)
+    chi2 = ((counts - expected) ** 2 / expected.clamp(min=1e-9))[probs > 0].sum()
+    assert chi2 < 30  # 6 degrees of freedom: 30 is far in the tail (p < 1e-4)
+
+
+def test_decode_attention_matches_sdpa_with_grouped_heads_and_a_mask():
+    # the decoding path's plain-matmul attention against PyTorch's SDPA, in float64
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 6, 1, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 10, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    visible = (torch.arange(10) <= 6).view(1, -1)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    torch.testing.assert_close(decode_attention(q, k, v, visible), expected, rtol=1e-12, atol=1e-12)

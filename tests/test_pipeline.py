@@ -2,6 +2,7 @@
 regulariser, evaluation, and the one-line errors for bad input."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -159,23 +160,32 @@ def test_finetune_logs_old_and_new_data_from_step_zero(tiny_checkpoint, toy_data
 
 # --- evaluation ---------------------------------------------------------------------------------
 
-class ScriptedModel:
-    """Stands in for a GPT: its greedy answer is right for even rows, wrong in one digit for odd."""
+class RowSet:
+    """Stands in for a toy Dataset: fixed validation rows and where their answers are."""
 
-    def __init__(self, rows, answer_start):
-        self.rows, self.start = rows, answer_start
+    def __init__(self, rows, start, end):
+        self.rows, self.meta = rows, {"answer_start": start, "answer_end": end}
 
-    def generate(self, prompt, max_new_tokens, temperature):
-        out = self.rows[:len(prompt)].clone()
-        out[1::2, self.start] = (out[1::2, self.start] + 1 - 9) % 10 + 9
-        return out
+    def eval_batches(self, split, batch_size, block_size, max_sequences):
+        for i in range(0, min(len(self.rows), max_sequences), batch_size):
+            yield self.rows[i:i + batch_size]
 
 
-def test_answer_accuracy_on_a_hand_checked_case(toy_data):
+def test_accuracy_is_exact_match_of_greedy_decoding(toy_data):
+    """A row counts as right exactly when greedy decoding from its prompt writes its whole answer:
+    rows holding the model's own greedy answers are right; one changed answer token, the first or
+    the last, makes a row wrong. (evaluate_on reads it off the loss's teacher-forced logits.)"""
+    from model import GPT, GPTConfig
     data = common.Dataset(toy_data["add"])
-    rows = next(data.eval_batches("val", 10, None, 10))
-    model = ScriptedModel(rows, data.meta["answer_start"])
-    assert common.answer_accuracy(model, data, batch_size=10, max_sequences=10) == 0.5
+    start, end, V = data.meta["answer_start"], data.meta["answer_end"], data.meta["vocab_size"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=end, **TINY_MODEL)).eval()
+    prompts = next(data.eval_batches("val", 12, None, 12))[:, :start]
+    rows = model.generate(prompts, end - start, temperature=0)   # its own greedy answers
+    rows[4:8, start] = (rows[4:8, start] + 1) % V
+    rows[8:12, end - 1] = (rows[8:12, end - 1] + 1) % V
+    numbers = common.evaluate_on(model, RowSet(rows, start, end), None, batch_size=5)
+    assert numbers["accuracy"] == 4 / 12 and set(numbers) == {"loss", "accuracy"}
 
 
 def test_methods_are_compared_at_exactly_the_target_loss_by_interpolation(tmp_path):
@@ -211,6 +221,31 @@ def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_d
     assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - report["metrics"]["reference"]["sort"]["loss"])
     assert report["arms"]["ft"] == {"sort": ft["sort"]["accuracy"], "add": ft["add"]["accuracy"]}
     assert "| ft |" in open(tmp_path / "eval.md").read()
+
+
+def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluation(tiny_checkpoint, toy_data,
+                                                                                      tmp_path):
+    started = time.time()
+    run_dir, corpus_path = tmp_path / "ft", tmp_path / "corpora" / "replay.pt"
+    run_script("sample_replay", init_from=tiny_checkpoint, out=str(corpus_path), num_samples=40,
+               prompts=toy_data["sort"], device="cpu")
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(run_dir), replay="kl",
+               replay_source=str(corpus_path), **FT)  # 40 sequences are too few: it samples more mid-run
+    out_json = str(tmp_path / "eval.json")
+    run_script("evaluate", checkpoints=f"ft={run_dir / 'ckpt.pt'}", reference=tiny_checkpoint,
+               datasets=toy_data["add"], eval_sequences=32, out_json=out_json, device="cpu", started_at=started,
+               time_runs=f"{run_dir},{corpus_path}")
+    report = common.json.load(open(out_json))
+    split, log = report["time_split"], common.read_jsonl(run_dir / "log.jsonl")[-1]
+    corpus = torch.load(corpus_path, weights_only=True)["meta"]["seconds"]
+    assert split["training"] == pytest.approx(log["train_seconds"], abs=0.1) and log["train_seconds"] > 0
+    assert split["sampling"] == pytest.approx(corpus + log["replay_sample_seconds"], abs=0.1)
+    assert log["replay_sample_seconds"] > 0 and log["eval_seconds"] > 0
+    assert split["evaluation"] >= log["eval_seconds"] - 0.05  # the runs' evaluations, and evaluate.py's own
+    assert split["other"] >= 0  # the parts fit inside the whole (start-up, loading: the rest)
+    # pretraining logs the time of its training steps too
+    pretrain_log = common.read_jsonl(os.path.join(os.path.dirname(tiny_checkpoint), "log.jsonl"))[-1]
+    assert 0 < pretrain_log["train_seconds"] < pretrain_log["seconds"] and pretrain_log["eval_seconds"] > 0
 
 
 # --- configuration and bad input ----------------------------------------------------------------
