@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from common import kl_loss, load_checkpoint, ntp_loss, pick_device, run, write_json
+from common import load_checkpoint, pick_device, run, write_json
+from objective import kl_loss, ntp_loss
 from model import GPT, GPTConfig
 
 width = 128

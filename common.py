@@ -1,6 +1,7 @@
 """
 Pieces every stage of the pipeline shares, each defined once:
-command-line overrides, seeding, datasets on disk, losses, checkpoints, greedy accuracy.
+command-line overrides, seeding, datasets on disk, checkpoints, evaluation. (The losses are in
+objective.py.)
 """
 import ast
 import atexit
@@ -19,8 +20,9 @@ import urllib.request
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
+
+from objective import kl_loss, ntp_loss
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -746,23 +748,6 @@ def check_compatible(dataset_meta, model_config, where, ckpt=None):
     if row_len and row_len > model_config["block_size"]:
         raise UserError(f"{where}: rows of {row_len} tokens exceed the model's block_size "
                         f"{model_config['block_size']}: pretrain with --block_size={row_len} or more")
-
-
-# ----------------------------------------------------------------------------------------------
-# losses. Position t predicts token t+1; the last position has no target and is masked.
-# log-softmax always in float32.
-
-def ntp_loss(logits, tokens):
-    V = logits.size(-1)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1))
-
-
-def kl_loss(student_logits, teacher_logits):
-    """KL(teacher || student) = sum_v pi(v) (log pi(v) - log theta(v)), summed over the vocabulary
-    and averaged over positions. (F.kl_div with reduction='mean' would also divide by V: wrong.)"""
-    log_student = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
-    log_teacher = F.log_softmax(teacher_logits[:, :-1].float(), dim=-1)
-    return (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ from tqdm import tqdm
 from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
                     evaluate_on, fingerprint, from_rank0, global_mean, input_fingerprints,
-                    kl_loss, known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at,
-                    max_weight, ntp_loss, open_eval_set, pick_device, progress_bar, rank0_only, restore_rng,
+                    known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at,
+                    max_weight, open_eval_set, pick_device, progress_bar, rank0_only, restore_rng,
                     rng_state, run, run_end, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
+from objective import Objective
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -236,36 +237,6 @@ def plain_state_dict(model):
     return {k: v.detach() for k, v in state.items()}
 
 
-class Objective(nn.Module):
-    """One training step's loss, as a module so that DistributedDataParallel can wrap it whole
-    (it runs the student on the new and the replay batch before one backward):
-    NTP(new) + replay_coeff * KL-or-NTP(replay) + lwf_coeff * KL(new)."""
-
-    def __init__(self, student, teacher):
-        super().__init__()
-        self.student, self.teacher = student, teacher
-
-    def forward(self, x_new, x_replay):
-        logits_new = self.student(x_new)
-        loss_new = ntp_loss(logits_new, x_new)
-        total, parts = loss_new, {"loss_new": loss_new}
-        if x_replay is not None:
-            logits_replay = self.student(x_replay)
-            if replay == "kl":
-                with torch.no_grad():
-                    teacher_logits = self.teacher(x_replay)
-                parts["loss_replay"] = kl_loss(logits_replay, teacher_logits)
-            else:
-                parts["loss_replay"] = ntp_loss(logits_replay, x_replay)
-            total = total + replay_coeff * parts["loss_replay"]
-        if lwf_coeff > 0:
-            with torch.no_grad():
-                teacher_logits = self.teacher(x_new)
-            parts["loss_lwf"] = kl_loss(logits_new, teacher_logits)
-            total = total + lwf_coeff * parts["loss_lwf"]
-        return total, parts
-
-
 def main():
     rank, world_size, dev = setup_distributed(pick_device(device))
     is_main = rank == 0
@@ -359,7 +330,7 @@ def main():
         kept = prepare_log(log_path, start_step) or {}
         train_seconds, eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
 
-    objective = Objective(torch.compile(student) if compile else student, teacher)
+    objective = Objective(torch.compile(student) if compile else student, teacher, replay, replay_coeff, lwf_coeff)
     step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
     autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 

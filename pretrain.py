@@ -21,9 +21,10 @@ from tqdm import tqdm
 from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
                     evaluate_on, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
-                    ntp_loss, pick_device, progress_bar, rank0_only, restore_rng, rng_state, run, run_end,
+                    pick_device, progress_bar, rank0_only, restore_rng, rng_state, run, run_end,
                     sample_mixture, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
 from model import GPT, GPTConfig, count_parameters
+from objective import ntp_loss
 
 # -- I/O
 out_dir = "out/pretrain_add"
