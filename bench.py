@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import model as model_module
 from common import load_checkpoint, pick_device, run, write_json
 from objective import kl_loss, ntp_loss
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, paper_parameter_count
 
 width = 128
 depth = 4
@@ -258,7 +258,7 @@ def main():
             print(f"| {r['T']} | {' | '.join(cells)} | {r['sdpa'] / r.get('flash', float('nan')):.2f}x |")
         report["attention_ms"] = rows
         # model FLOPs per token: 6 N for the weights plus 6 L T D for attention (causal halves 12 L T D)
-        n_params = 12 * depth * width ** 2 + width * vocab_size
+        n_params = paper_parameter_count(depth, width, vocab_size)
         flops_per_token = 6 * n_params + 6 * depth * block_size * width
         peak = matmul_peak(dev)
         report["bf16_matmul_tflops"] = peak / 1e12

@@ -360,13 +360,15 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1).squeeze(-1)
 
 
-def count_parameters(model):
-    """Returns (actual parameter count, the paper's formula 12*L*D^2 + D*V).
+def paper_parameter_count(depth, width, vocab_size):
+    """The paper's 12*L*D^2 + D*V: attention (4 D^2) and MLP (8 D^2) weights per block plus one
+    D x V embedding. The paper measures tokens-per-parameter against it, and so do we."""
+    return 12 * depth * width ** 2 + width * vocab_size
 
-    The formula counts attention (4 D^2) and MLP (8 D^2) weights per block plus one D x V
-    embedding; the actual count also includes the second (untied) embedding. The paper uses the
-    formula for tokens-per-parameter, and so do we. (A tied embedding is counted once.)"""
+
+def count_parameters(model):
+    """Returns (actual parameter count, paper_parameter_count). The actual count also includes the
+    second (untied) embedding; a tied embedding is counted once."""
     c = model.config
     actual = sum(p.numel() for p in model.parameters())
-    paper = 12 * c.depth * c.width ** 2 + c.width * c.vocab_size
-    return actual, paper
+    return actual, paper_parameter_count(c.depth, c.width, c.vocab_size)

@@ -37,6 +37,7 @@ import time
 
 from common import UserError, apply_overrides, atomic_write_text, load_checkpoint_dict, load_corpus, read_jsonl, run
 from evaluate import at_target
+from model import paper_parameter_count
 
 study = "all"                   # size, tpp, mixture, lr, compute or all
 out_root = "out/sweeps"
@@ -133,7 +134,7 @@ def train(script, out_dir, **args):
 def paper_params(width):
     """12 L D^2 + D V: the parameter count tokens-per-parameter is measured against (as pretrain.py)."""
     vocab = json.load(open(os.path.join("data", EN, "meta.json")))["vocab_size"]
-    return 12 * depth * width ** 2 + width * vocab
+    return paper_parameter_count(depth, width, vocab)
 
 
 def model_args(width):
