@@ -788,6 +788,10 @@ def load_checkpoint(path, device="cpu"):
 # ----------------------------------------------------------------------------------------------
 # evaluation helpers
 
+# how evaluate_on's numbers are named in training logs, e.g. "val_loss/add"
+LOG_NAMES = {"loss": "val_loss", "kl": "val_kl", "accuracy": "accuracy"}
+
+
 @torch.no_grad()
 def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", reference=None,
                 reference_cache=None, batch_size=256):

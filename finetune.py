@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
+from common import (LOG_NAMES, Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
                     evaluate_on, fingerprint, from_rank0, global_mean, input_fingerprints,
                     known_tokenizers, load_checkpoint, load_corpus, load_for_resume, lr_at,
@@ -348,9 +348,7 @@ def main():
             numbers = evaluate_on(student, d, T, max_sequences=eval_sequences, device=dev,
                                   reference=teacher if eval_kl else None,
                                   reference_cache=teacher_logits.setdefault(name, {}))
-            for key, prefix in (("loss", "val_loss"), ("kl", "val_kl"), ("accuracy", "accuracy")):
-                if key in numbers:
-                    record[f"{prefix}/{d.short_name}"] = numbers[key]
+            record.update({f"{LOG_NAMES[k]}/{d.short_name}": v for k, v in numbers.items()})
         student.train()
         eval_seconds += time.time() - started
         record["eval_seconds"] = round(eval_seconds, 2)

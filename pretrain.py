@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (Dataset, UserError, append_jsonl, check_compatible, check_diverged,
+from common import (LOG_NAMES, Dataset, UserError, append_jsonl, check_compatible, check_diverged,
                     check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
                     evaluate_on, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
                     pick_device, progress_bar, rank0_only, restore_rng, rng_state, run, run_end,
@@ -154,9 +154,7 @@ def main():
                   "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2)}
         for d in data + extra:
             numbers = evaluate_on(model, d, T, max_sequences=eval_sequences, device=dev)
-            record[f"val_loss/{d.short_name}"] = numbers["loss"]
-            if "accuracy" in numbers:
-                record[f"accuracy/{d.short_name}"] = numbers["accuracy"]
+            record.update({f"{LOG_NAMES[k]}/{d.short_name}": v for k, v in numbers.items()})
         model.train()
         eval_seconds += time.time() - started
         record["eval_seconds"] = round(eval_seconds, 2)

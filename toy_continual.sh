@@ -24,7 +24,7 @@ if [ "$PROFILE" = study ]; then
     # NTP replay x10 on fresh self-generated samples, as many per step as new ones
     : ${WIDTH:=256} ${BATCH:=2048} ${PRETRAIN_STEPS:=2000} ${PRETRAIN_LR:=1e-4} ${PRETRAIN_SCHEDULE:=constant}
     : ${PRETRAIN_WARMUP:=200} ${PRETRAIN_TARGET:=0} ${PRETRAIN_COOLDOWN:=0} ${STEPS:=2000} ${LR:=1e-4} ${WARMUP:=200}
-    : ${REPLAY:=ntp} ${COEFF:=10} ${REPLAY_BATCH:=2048} ${TARGET_ACCURACY:=0} ${COOLDOWN:=0} ${EVAL_INTERVAL:=250}
+    : ${REPLAY:=ntp} ${COEFF:=10} ${REPLAY_BATCH:=$BATCH} ${TARGET_ACCURACY:=0} ${COOLDOWN:=0} ${EVAL_INTERVAL:=250}
 elif [ "$PROFILE" = cpu ]; then
     # CPU-sized: a narrower model and smaller batches at a higher learning rate. Each task trains
     # until it is learned (tens of steps for reversal and sort, several hundred for an arithmetic
@@ -32,10 +32,11 @@ elif [ "$PROFILE" = cpu ]; then
     # first included, cools down once learned, and replay gets as many sequences per step as the new
     # task (the study's balance): with half as many, add (the most fragile task) ended 1-2 points lower.
     # A shorter cooldown does not keep it either: with 60 steps, add ended at 0.974 (add first, seed 1).
-    # Batches of 192 (not 256) keep the demo inside 5 minutes: 255 s against 318 s, add 0.991 (seed 1337).
+    # Batches of 192 (not 256) keep the demo inside 5 minutes: median 280 s of three runs against 318 s,
+    # add 0.991 (seed 1337).
     : ${WIDTH:=128} ${BATCH:=192} ${PRETRAIN_STEPS:=800} ${PRETRAIN_LR:=3e-3} ${PRETRAIN_SCHEDULE:=cosine}
     : ${PRETRAIN_WARMUP:=50} ${PRETRAIN_TARGET:=0.99} ${PRETRAIN_COOLDOWN:=100} ${STEPS:=1500} ${LR:=3e-3} ${WARMUP:=50}
-    : ${REPLAY:=kl} ${COEFF:=1} ${REPLAY_BATCH:=192} ${TARGET_ACCURACY:=0.95} ${COOLDOWN:=100} ${EVAL_INTERVAL:=25}
+    : ${REPLAY:=kl} ${COEFF:=1} ${REPLAY_BATCH:=$BATCH} ${TARGET_ACCURACY:=0.95} ${COOLDOWN:=100} ${EVAL_INTERVAL:=25}
 else
     echo "toy_continual.sh: PROFILE=$PROFILE must be cpu or study" >&2; exit 2
 fi
@@ -49,6 +50,7 @@ fi
 # TARGET_ACCURACY: a later task counts as learned at this exact-match accuracy, after which the LR
 # falls linearly to 0 over COOLDOWN steps and the task ends;
 # REPLAY: kl = KL(teacher || student) or ntp = next-token loss, x COEFF, on REPLAY_BATCH sequences/step
+# (by default as many as BATCH: the study's balance);
 # the corpus sampled before each task holds 32 steps' worth; finetune.py samples more from the same
 # frozen model whenever it runs out, so no replay sequence is ever used twice
 : ${REPLAY_SAMPLES:=$((32 * REPLAY_BATCH))}
