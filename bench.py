@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from common import load_checkpoint, pick_device, run, write_json
+from checkpoint import load_checkpoint
+from config import pick_device, run
+from files import write_json
 from objective import kl_loss, ntp_loss
 from model import GPT, GPTConfig, paper_parameter_count
 
@@ -80,11 +82,11 @@ def new_model(dev, block=None):
 
 
 def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
-    """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: student on a new and a
-    replay batch, frozen teacher on the replay batch)."""
+    """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: the model on a new and a
+    replay batch, the frozen reference on the replay batch)."""
     default, model_module.ATTENTION = model_module.ATTENTION, attention
     model = new_model(dev)
-    teacher = new_model(dev).eval().requires_grad_(False)
+    reference = new_model(dev).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=dev)
@@ -96,8 +98,8 @@ def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
             loss = ntp_loss(step_model(x), x)
             if with_kl:
                 with torch.no_grad():
-                    teacher_logits = teacher(replay)
-                loss = loss + kl_loss(step_model(replay), teacher_logits)
+                    reference_logits = reference(replay)
+                loss = loss + kl_loss(step_model(replay), reference_logits)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -145,7 +147,8 @@ def sample_vs_forward(dev):
         elif os.path.exists(config):
             model = load_checkpoint(config, dev)[0].eval()
         else:  # the cost of a step does not depend on the weights' values, only on the architecture
-            print(f"{name}: {config} not found (python convert.py makes it): SmolLM2-135M's shape, random weights")
+            print(f"{name}: {config} not found (python convert.py makes it): SmolLM2-135M's "
+                  "shape, random weights")
             model = GPT(SMOLLM2_SHAPE).to(dev).eval()
         x = torch.randint(0, model.config.vocab_size, (batch, length), device=dev)
 
@@ -203,7 +206,8 @@ def main():
     dev = pick_device(device)
     on_cuda = dev.startswith("cuda")
     hot_attention = model_module.ATTENTION  # the default: PyTorch's SDPA
-    print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, vocab {vocab_size}; "
+    print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, "
+          f"vocab {vocab_size}; "
           f"batch {batch_size}; device {dev}" + ("" if on_cuda else f" ({torch.get_num_threads()} threads)"))
 
     variants = {  # name: (compiled, bf16, attention)
@@ -222,12 +226,14 @@ def main():
 
     kl_base = train_step_speed(dev, False, False, "sdpa", with_kl=True)[0]
     kl_hot = train_step_speed(dev, True, True, hot_attention, with_kl=True)[0]
-    print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path {kl_hot:,.0f} tokens/s "
+    print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path "
+          f"{kl_hot:,.0f} tokens/s "
           f"({kl_hot / kl_base:.2f}x)")
 
     cached, compiled, naive = sampling_speed(dev)
     print(f"\nsampling {sample_batch} x {new_tokens} new tokens: KV cache {cached:,.0f} tokens/s "
-          f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s ({compiled / naive:.1f}x), "
+          f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s "
+          f"({compiled / naive:.1f}x), "
           f"naive prefix recomputation {naive:,.0f} tokens/s")
 
     ratios = sample_vs_forward(dev)

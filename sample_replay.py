@@ -18,8 +18,11 @@ import time
 
 import torch
 
-from common import (Lock, UserError, atomic_torch_save, fingerprint, known_tokenizers, load_checkpoint, pick_device,
-                    progress_bar, remove_stale_temporaries, run, set_seed)
+from checkpoint import load_checkpoint
+from config import pick_device, run, set_seed, UserError
+from dataset import known_tokenizers
+from files import atomic_torch_save, fingerprint, Lock, remove_stale_temporaries
+from progress import progress_bar
 
 init_from = "out/pretrain_add/ckpt.pt"
 out = "out/replay_add.pt"
@@ -50,14 +53,16 @@ def parse_prompts(spec, data_meta, vocab_size, bos=None):
         if name.isdigit():
             token = int(name)
             if token >= vocab_size:
-                raise UserError(f"--prompts: token id {token} is outside the model's vocabulary (0..{vocab_size - 1})")
+                raise UserError(f"--prompts: token id {token} is outside the model's vocabulary "
+                                f"(0..{vocab_size - 1})")
         elif name == "bos" and bos is not None:
             token = bos
         elif name in data_meta:
             token = data_meta[name]["dataset_token"]
         else:
             known = ", ".join(sorted(data_meta)) or "none"
-            raise UserError(f"prompt {name!r} is neither a token id nor a dataset this checkpoint was trained on "
+            raise UserError(f"prompt {name!r} is neither a token id nor a dataset this "
+                            "checkpoint was trained on "
                             f"(known: {known})")
         parsed.append((name, token, share))
     if not parsed:
@@ -93,7 +98,8 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         if not same:
             what = ("another model" if partial.get("settings", {}).get("model_sha256") != settings["model_sha256"]
                     else "other settings")
-            raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, or drop --resume to "
+            raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, "
+                            "or drop --resume to "
                             f"start over")
         out = [partial["tokens"]]
         generator.set_state(partial["generator"])
@@ -122,7 +128,8 @@ def main():
     parsed = parse_prompts(prompts, data_meta, model.config.vocab_size, ckpt.get("tokenizer", {}).get("bos"))
     T = length or model.config.block_size
     if T > model.config.block_size or T < 2:
-        raise UserError(f"--length={T} must be between 2 and the model's block_size {model.config.block_size}")
+        raise UserError(f"--length={T} must be between 2 and the model's block_size "
+                        f"{model.config.block_size}")
     if num_samples <= 0 or batch_size <= 0:
         raise UserError("--num_samples and --batch_size must be positive")
     if temperature <= 0:
@@ -176,7 +183,8 @@ def main():
         for name, tok, _ in parsed:
             rows = (tokens[:, 0] == tok).numpy()
             stats[name] = {"well_formed": float(well_formed[rows].mean()), "correct": float(correct[rows].mean())}
-            print(f"  {name}: {stats[name]['well_formed']:.1%} well-formed, {stats[name]['correct']:.1%} correct")
+            print(f"  {name}: {stats[name]['well_formed']:.1%} well-formed, "
+                  f"{stats[name]['correct']:.1%} correct")
         meta["stats"] = stats
     atomic_torch_save({"tokens": tokens.to(torch.int32), "meta": meta}, out)
     os.remove(partial_path)

@@ -35,14 +35,18 @@ import subprocess
 import sys
 import time
 
-from common import UserError, apply_overrides, atomic_write_text, load_checkpoint_dict, load_corpus, read_jsonl, run
+from checkpoint import load_checkpoint_dict
+from config import apply_overrides, run, UserError
+from dataset import load_corpus
+from files import atomic_write_text, read_jsonl
 from evaluate import at_target
 from model import paper_parameter_count
 
 study = "all"                   # size, tpp, mixture, lr, compute or all
 out_root = "out/sweeps"
 results_dir = "results"
-profile = "cpu"                 # "cpu" (CPU-mini, minutes on 2 cores) or "gpu" (larger, for one GPU; untested)
+profile = "cpu"                 # "cpu" (CPU-mini, minutes on 2 cores) or "gpu"
+                                # (larger, for one GPU; untested)
 
 # CPU-mini profile: depth 2, heads of 16, 64-token windows, batches of 32 sequences.
 data_name = "bible512"
@@ -69,7 +73,8 @@ lr_tpp = 100.0                  # ... pretraining length (shorter than base_tpp:
 seeds = "1,2,3"                 # ... and seeds (lr study: pretraining and finetuning; compute: finetuning)
 high_lr = 3e-3                  # compute study: the fast learning rate...
 low_lrs = "1e-3,3e-4,1e-4"      # ... the slower ones that forget less...
-replay_fractions = "0.03125,0.0625,0.125,0.25,0.5"  # ... and the share of each batch given to replay at high_lr
+replay_fractions = "0.03125,0.0625,0.125,0.25,0.5"  # ... and the share of each batch given
+                                                    # to replay at high_lr
 compute_reference_steps = 100   # plain steps at high_lr that set the compute study's target
 compute_cap_steps = 4000        # enough for the lowest learning rate to get there
 toy_orders = "reversal sort add modadd;add reversal sort modadd;sort modadd reversal add"  # toy_orders study:
@@ -287,10 +292,12 @@ def mixture_table(result):
         shares = {f["es_share"]: f for f in length["frontier"]}
         english, mixed = shares[0.0], shares.get(0.25)
         plain, kl = length["finetune"]["plain"][-1], length["finetune"]["kl_self"][-1]
-        rows.append([f"{label}, {length['tpp']:g} TPP", f"en {english['en_loss']:.3f}, es {english['es_loss']:.3f}",
+        rows.append([f"{label}, {length['tpp']:g} TPP", f"en {english['en_loss']:.3f}, es "
+                                                        f"{english['es_loss']:.3f}",
                      f"en {mixed['en_loss']:.3f}, es {mixed['es_loss']:.3f}" if mixed else "",
                      f"en {plain['en_loss']:.2f}, es {plain['es_loss']:.2f}",
-                     f"en {kl['en_loss']:.2f} ({kl['en_loss'] - english['en_loss']:+.2f}), es {kl['es_loss']:.2f}",
+                     f"en {kl['en_loss']:.2f} ({kl['en_loss'] - english['en_loss']:+.2f}), es "
+                     f"{kl['es_loss']:.2f}",
                      kl["step"], kl["replay_passes"]])
     return markdown(rows)
 
@@ -318,7 +325,8 @@ def compute_table(result):
         cells = []
         for variant in ("self", "replace"):
             s = next(x for x in result["summary"] if x["low_lr"] == low_lr and x["variant"] == variant)
-            cells.append(f"{'>= ' if s['at_least'] else ''}{s['median']:.3g}x ({s['min']:.3g}..{s['max']:.3g})"
+            cells.append(f"{'>= ' if s['at_least'] else ''}{s['median']:.3g}x "
+                         f"({s['min']:.3g}..{s['max']:.3g})"
                          if s["median"] else "not matched")
         ratios.append([lr_text(low_lr), f"{min(ends):.2f}-{max(ends):.2f}", *cells])
     return (f"Seed {first['seed']}, every arm at the Spanish target:\n\n" + markdown(arms) +
@@ -538,7 +546,8 @@ def main():
         apply_overrides(globals(), sys.argv[1:])
     EN, ES = f"{data_name}/en", f"{data_name}/es"
     if study != "toy_orders" and not os.path.exists(os.path.join("data", EN, "meta.json")):
-        raise UserError(f"data/{EN} not found: run python data/bible/prepare.py --vocab_size=512 --out={data_name}")
+        raise UserError(f"data/{EN} not found: run python data/bible/prepare.py "
+                        f"--vocab_size=512 --out={data_name}")
     if study != "all" and study not in STUDIES:
         raise UserError(f"--study={study!r} must be one of {', '.join(STUDIES)} or all")
     timings_path = os.path.join(out_root, "timings.json")

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import Dataset, UserError, sample_mixture
+from config import UserError
+from dataset import Dataset, sample_mixture
 from objective import ntp_loss
 from data.arithmetic import prepare
 

@@ -5,9 +5,9 @@ from torch import nn
 from objective import Objective, kl_loss
 
 
-# --- KL(teacher || student) ---------------------------------------------------------------------
+# --- KL(reference || model) ---------------------------------------------------------------------
 
-def test_kl_is_zero_when_student_equals_teacher():
+def test_kl_is_zero_when_the_model_equals_the_reference():
     logits = torch.randn(3, 6, 11)
     assert kl_loss(logits, logits.clone()).abs().item() < 1e-6
     assert kl_loss(logits + 1.0, logits).abs().item() < 1e-6  # a constant shift is the same distribution
@@ -15,17 +15,17 @@ def test_kl_is_zero_when_student_equals_teacher():
 
 def test_kl_value_and_gradient_match_a_float64_reference():
     torch.manual_seed(0)
-    student = torch.randn(2, 5, 13, requires_grad=True)
-    teacher = torch.randn(2, 5, 13)
-    kl_loss(student, teacher).backward()
+    logits = torch.randn(2, 5, 13, requires_grad=True)
+    reference_logits = torch.randn(2, 5, 13)
+    kl_loss(logits, reference_logits).backward()
 
-    s64 = student.detach().double().requires_grad_(True)
-    p = torch.softmax(teacher.double()[:, :-1], -1)
-    reference = (p * (p.log() - torch.log_softmax(s64[:, :-1], -1))).sum(-1).mean()  # sum over vocab
-    reference.backward()
-    assert abs(kl_loss(student, teacher).item() - reference.item()) < 1e-6
-    assert torch.allclose(student.grad.double(), s64.grad, atol=1e-7)
-    assert student.grad[:, -1].abs().max() == 0  # last position masked, as in the NTP loss
+    l64 = logits.detach().double().requires_grad_(True)
+    p = torch.softmax(reference_logits.double()[:, :-1], -1)
+    expected = (p * (p.log() - torch.log_softmax(l64[:, :-1], -1))).sum(-1).mean()  # sum over vocab
+    expected.backward()
+    assert abs(kl_loss(logits, reference_logits).item() - expected.item()) < 1e-6
+    assert torch.allclose(logits.grad.double(), l64.grad, atol=1e-7)
+    assert logits.grad[:, -1].abs().max() == 0  # last position masked, as in the NTP loss
 
 
 # --- the whole objective -------------------------------------------------------------------------
@@ -41,11 +41,11 @@ class FixedLogits(nn.Module):
         return self.table[x]
 
 
-def reference_objective(student_table, teacher_table, x_new, x_replay, replay, replay_coeff, lwf_coeff):
+def objective_in_float64(model_table, reference_table, x_new, x_replay, replay, replay_coeff, lwf_coeff):
     """The objective in float64, term by term: NTP as -log theta(next token), KL as
     sum_v pi(v) (log pi(v) - log theta(v)), each averaged over every position that has a next token."""
-    log_theta = torch.log_softmax(student_table.double(), -1)
-    log_pi = torch.log_softmax(teacher_table.double(), -1)
+    log_theta = torch.log_softmax(model_table.double(), -1)
+    log_pi = torch.log_softmax(reference_table.double(), -1)
 
     def ntp(x):
         return torch.stack([-log_theta[x[b, t], x[b, t + 1]] for b in range(len(x)) for t in range(x.size(1) - 1)]).mean()
@@ -66,22 +66,22 @@ def reference_objective(student_table, teacher_table, x_new, x_replay, replay, r
 def test_objective_matches_a_float64_computation_of_every_term():
     torch.manual_seed(0)
     V = 7
-    student_table, teacher_table = torch.randn(V, V), torch.randn(V, V)
+    model_table, reference_table = torch.randn(V, V), torch.randn(V, V)
     x_new, x_replay = torch.randint(0, V, (3, 6)), torch.randint(0, V, (2, 6))
     cases = [("kl", 1.0, 0.0), ("kl", 3.0, 0.0), ("ntp", 2.0, 0.0), ("kl", 1.0, 0.5), ("none", 0.0, 1.0)]
     for replay, replay_coeff, lwf_coeff in cases:
-        student, teacher = FixedLogits(student_table.clone()), FixedLogits(teacher_table.clone())
-        teacher.requires_grad_(False)
-        objective = Objective(student, teacher, replay, replay_coeff, lwf_coeff)
+        model, reference = FixedLogits(model_table.clone()), FixedLogits(reference_table.clone())
+        reference.requires_grad_(False)
+        objective = Objective(model, reference, replay, replay_coeff, lwf_coeff)
         replay_batch = None if replay == "none" else x_replay
         loss, parts = objective(x_new, replay_batch)
         loss.backward()
 
-        table64 = student_table.double().requires_grad_(True)
-        expected = reference_objective(table64, teacher_table, x_new, replay_batch, replay, replay_coeff, lwf_coeff)
+        table64 = model_table.double().requires_grad_(True)
+        expected = objective_in_float64(table64, reference_table, x_new, replay_batch, replay, replay_coeff, lwf_coeff)
         expected.backward()
         assert abs(loss.item() - expected.item()) < 1e-5, (replay, replay_coeff, lwf_coeff)
-        assert torch.allclose(student.table.grad.double(), table64.grad, atol=1e-6)
-        assert teacher.table.grad is None  # the frozen model never gets a gradient
+        assert torch.allclose(model.table.grad.double(), table64.grad, atol=1e-6)
+        assert reference.table.grad is None  # the frozen model never gets a gradient
         assert set(parts) == {"loss_new"} | ({"loss_replay"} if replay_batch is not None else set()) \
             | ({"loss_lwf"} if lwf_coeff else set())

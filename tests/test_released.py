@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tokenizer as bpe
-from common import load_checkpoint
+from checkpoint import load_checkpoint
 from conftest import assert_two_processes_match_one, greedy_by_recomputing, run_script
 from model import GPT, GPTConfig, KVCache
 
@@ -410,7 +410,7 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
         (["evaluate.py", f"--checkpoints=a={converted}", f"--reference={converted}", f"--datasets={toy_data['add']}",
           "--device=cpu"], "tokenized by"),
         (["finetune.py", f"--init_from={converted}", f"--dataset={tiny_text / 'es'}", "--replay=kl",
-          f"--replay_source={toy_corpus}", "--block_size=16", "--device=cpu"], "comes from tokenizer"),
+          f"--replay_source={toy_corpus}", "--block_size=16", "--device=cpu"], "tokenized by"),
     ]
     for argv, message in cases:
         out = tmp_path / "out"

@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common
+import files
 import tokenizer as bpe
 
 BASE_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/"
@@ -26,7 +26,7 @@ SHARDS = {  # language -> shard file name pattern under BASE_URL
 
 
 def download(url, path):
-    return common.download(url, path, "C4 needs internet; offline, use data/bible/prepare.py")
+    return files.download(url, path, "C4 needs internet; offline, use data/bible/prepare.py")
 
 
 def read_documents(paths, max_bytes):
