@@ -175,7 +175,8 @@ def attention_speeds(dev):
     flash = model_module._flash_attention(dev)
     for T in (256, 512, 1024, 2048, 4096):
         B, H = max(1, 16384 // T), 8
-        q, k, v = (torch.randn(B, H, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(B, H, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
         mask = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
 
         def naive():
@@ -244,7 +245,8 @@ def main():
 
     report = {
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads",
-        "config": {k: globals()[k] for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
+        "config": {k: globals()[k]
+                   for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
         "train_tokens_per_second": {name: v[0] for name, v in train.items()},
         "train_speedup_vs_baseline": train["hot path: compiled bf16"][0] / base,
         "finetune_kl_speedup_vs_baseline": kl_hot / kl_base,

@@ -64,7 +64,8 @@ def restore_rng(rng, state):
 
 def train_state(optimizer, rng, cooldown_from, **more):
     """What a checkpoint holds beyond the weights to continue its run bit for bit."""
-    return {"optimizer": optimizer.state_dict(), "rng": rng_state(rng), "cooldown_from": cooldown_from, **more}
+    return {"optimizer": optimizer.state_dict(), "rng": rng_state(rng), "cooldown_from": cooldown_from,
+            **more}
 
 
 def load_for_resume(path, run_config, inputs=None, input_settings=()):

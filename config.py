@@ -64,20 +64,18 @@ def config_snapshot(config, keys):
 def check_training_settings(config):
     """Settings the training scripts share (config: a script's globals()): refuse the values that
     would fail later with a traceback or train silently otherwise than asked."""
-    checks = [
-        (config["learning_rate"] > 0, "--learning_rate must be positive"),
-        (0 <= config.get("min_lr", 0.0) <= config["learning_rate"], "--min_lr must be between 0 "
-                                                                    "and --learning_rate"),
-        (config["warmup_steps"] >= 0, "--warmup_steps must be >= 0"),
-        (0 <= config["beta1"] < 1 and 0 <= config["beta2"] < 1, "--beta1 and --beta2 must be in [0, 1)"),
-        (config["weight_decay"] >= 0, "--weight_decay must be >= 0"),
-        (config["schedule"] in ("constant", "cosine"), f"--schedule={config['schedule']!r} must "
-                                                       "be constant or cosine"),
-        (config["dtype"] in ("float32", "bfloat16"), f"--dtype={config['dtype']!r} must be "
-                                                     "float32 or bfloat16 "
-                                                     "(float16 would need loss scaling, which "
-                                                     "these scripts do not do)"),
-        (config["batch_size"] > 0 and config["eval_interval"] > 0 and config["eval_sequences"] > 0,
+    c = config
+    checks = [  # (what must hold, what to do otherwise)
+        (c["learning_rate"] > 0, "--learning_rate must be positive"),
+        (0 <= c.get("min_lr", 0.0) <= c["learning_rate"], "--min_lr must be between 0 and --learning_rate"),
+        (c["warmup_steps"] >= 0, "--warmup_steps must be >= 0"),
+        (0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (c["weight_decay"] >= 0, "--weight_decay must be >= 0"),
+        (c["schedule"] in ("constant", "cosine"), f"--schedule={c['schedule']!r} must be constant or cosine"),
+        (c["dtype"] in ("float32", "bfloat16"),
+         f"--dtype={c['dtype']!r} must be float32 or bfloat16 (float16 would need loss scaling, which these "
+         f"scripts do not do)"),
+        (c["batch_size"] > 0 and c["eval_interval"] > 0 and c["eval_sequences"] > 0,
          "--batch_size, --eval_interval and --eval_sequences must be positive"),
     ]
     for ok, message in checks:
@@ -99,12 +97,12 @@ def pick_device(device):
         return device
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise UserError(f"--device={device}: this machine has no CUDA GPU that torch can "
-                            "use; use --device=cpu")
+            raise UserError(f"--device={device}: this machine has no CUDA GPU that torch can use; "
+                            f"use --device=cpu")
         return device
     if device == "mps":
         if not torch.backends.mps.is_available():
-            raise UserError("--device=mps: this machine has no Apple GPU that torch can "
-                            "use; use --device=cpu")
+            raise UserError("--device=mps: this machine has no Apple GPU that torch can use; "
+                            "use --device=cpu")
         return device
     raise UserError(f"--device={device!r} must be auto, cpu, cuda, cuda:N or mps")

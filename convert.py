@@ -196,7 +196,8 @@ def read_hf_folder(folder):
                   depth=hf["num_hidden_layers"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
                   n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, mlp="swiglu",
                   mlp_width=hf["intermediate_size"], norm_gain=True, norm_eps=hf["rms_norm_eps"],
-                  qk_norm=arch == "Qwen3ForCausalLM", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+                  qk_norm=arch == "Qwen3ForCausalLM",
+                  rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
                   rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings")))
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm", "self_attn.q_proj": "attn.q",
              "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v", "self_attn.o_proj": "attn.out",

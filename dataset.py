@@ -37,7 +37,8 @@ class Dataset:
             self.dataset_token, vocab_size = int(self.meta["dataset_token"]), int(self.meta["vocab_size"])
             dtype = np.dtype(self.meta.get("token_dtype", "uint16"))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
-            problem = f"has no {e}" if isinstance(e, KeyError) else f"is not a valid meta.json ({type(e).__name__})"
+            problem = (f"has no {e}" if isinstance(e, KeyError)
+                       else f"is not a valid meta.json ({type(e).__name__})")
             raise UserError(f"{meta_path} {problem}: {redo}") from None
         self.splits = {}
         for split in ("train", "val"):

@@ -205,7 +205,8 @@ def compare_at_matched_loss():
         start = records[0]
         row = {"how": how, "step": values["step"], "replay_passes": records[-1].get("replay_passes"),
                "best": min(r[key] for r in records if key in r)}
-        for data in dict.fromkeys(k.split("/", 1)[1] for k in values if k.startswith(("val_loss/", "val_kl/"))):
+        measured = dict.fromkeys(k.split("/", 1)[1] for k in values if k.startswith(("val_loss/", "val_kl/")))
+        for data in measured:
             loss, kl = values.get(f"val_loss/{data}"), values.get(f"val_kl/{data}")
             row[f"val_loss/{data}"] = loss
             if f"val_loss/{data}" != key and loss is not None and f"val_loss/{data}" in start:
@@ -286,7 +287,9 @@ def main():
                 if "accuracy" in m:
                     m["forgetting_accuracy"] = ref["accuracy"] - m["accuracy"]
 
-    report = {"arms": {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m} for name in named},
+    accuracies = {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m}
+                  for name in named}
+    report = {"arms": accuracies,
               "metrics": results,
               "steps": steps,
               "checkpoints": named,
@@ -312,14 +315,16 @@ def markdown_table(results, dataset_names, steps):
         for key, label in (("accuracy", "acc"), ("loss", "loss"), ("kl_to_reference", "KL")):
             if any(key in results[row][s] for row in results):
                 columns.append((s, key, f"{s} {label}"))
-    lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps | replay passes |", "|---" * (len(columns) + 3) + "|"]
+    lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps | replay passes |",
+             "|---" * (len(columns) + 3) + "|"]
     for row, metrics in results.items():
         cells = []
         for s, key, _ in columns:
             value = metrics[s].get(key)
             cells.append("" if value is None else f"{value:.3f}")
         step = steps.get(row, {})
-        note = f"{step.get('step')}" + (" (target not reached)" if step.get("stop_reason") == "target not reached" else "")
+        reached = step.get("stop_reason") != "target not reached"
+        note = f"{step.get('step')}" + ("" if reached else " (target not reached)")
         passes = "" if step.get("replay_passes") is None else step["replay_passes"]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {note if step else ''} | {passes} |")
     return "\n".join(lines)

@@ -203,9 +203,9 @@ def download(url, path, offline_hint, headers=None):
     if os.path.exists(path):
         return path
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f, \
-                urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
-            while chunk := response.read(1 << 20):
+        request = urllib.request.Request(url, headers=headers or {})
+        with atomic_path(path) as tmp, open(tmp, "wb") as f, urllib.request.urlopen(request, timeout=30) as page:
+            while chunk := page.read(1 << 20):
                 f.write(chunk)
     except (urllib.error.URLError, OSError) as e:
         raise ConnectionError(f"could not download {url} "

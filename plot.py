@@ -94,7 +94,8 @@ def toy_continual_figure():
         ax.set_ylim(-0.03, 1.12)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("exact-match accuracy (val)")
-    fig.text(0.5, 0.01, "task being trained is named at the top of each segment", ha="center", fontsize=8, color="dimgray")
+    fig.text(0.5, 0.01, "task being trained is named at the top of each segment", ha="center", fontsize=8,
+             color="dimgray")
     axes[0][-1].legend(loc="center right", fontsize=8)
     return fig
 
@@ -109,7 +110,8 @@ def frontier_figure():
     lowest = float("inf")
     second = right or f"val_loss/{old}"
     for name, _, path in named:
-        records = [r for r in read_log(path) if f"val_loss/{old}" in r and f"val_loss/{new}" in r and second in r]
+        wanted = (f"val_loss/{old}", f"val_loss/{new}", second)
+        records = [r for r in read_log(path) if all(k in r for k in wanted)]
         if not records:
             raise UserError(f"{path} has no val_loss/{old}, val_loss/{new} and {second}: pass "
                             "--old/--new/--right "
@@ -180,8 +182,8 @@ def forgetting_panels(rows, x_key, tick_labels, xlabel, title):
 
 def sweep_size_figure(result):
     rows = result["models"]
-    return forgetting_panels(rows, "paper_params",
-                             [f"D={r['width']}\n{r['paper_params'] / 1e3:.0f}k\n{r['tokens_per_param']:.0f} TPP" for r in rows],
+    labels = [f"D={r['width']}\n{r['paper_params'] / 1e3:.0f}k\n{r['tokens_per_param']:.0f} TPP" for r in rows]
+    return forgetting_panels(rows, "paper_params", labels,
                              "model width, parameters (12LD^2+DV), tokens/param pretrained",
                              "Forgetting vs model size: every model pretrained to English loss "
                              f"{result['english_target']:.3f}, "
@@ -229,7 +231,8 @@ def sweep_lr_figure(result):
                      key=lambda g: g["pretrain_lr"])
         x = [g["pretrain_lr"] for g in sel]
         y = [g["forgetting"] for g in sel]
-        err = [[g["forgetting"] - g["forgetting_min"] for g in sel], [g["forgetting_max"] - g["forgetting"] for g in sel]]
+        err = [[g["forgetting"] - g["forgetting_min"] for g in sel],
+               [g["forgetting_max"] - g["forgetting"] for g in sel]]
         label = f"finetune LR {flr:g}, " + ("KL self-replay x1" if c else "plain")
         axes[0].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=label)
         for g in sel:
@@ -279,7 +282,8 @@ def sweep_compute_figure(result):
         ax.errorbar(x, [r["median"] for r in rows], capsize=3, marker="o", ls="none", color=f"C{j}",
                     mfc="white" if any(r["at_least"] for r in rows) else None,
                     yerr=[[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]],
-                    label={"self": "self-generated replay (KL)", "replace": "real rows replace part of the batch"}[variant])
+                    label={"self": "self-generated replay (KL)",
+                           "replace": "real rows replace part of the batch"}[variant])
     if any(r["median"] for r in result["summary"]):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -292,8 +296,9 @@ def sweep_compute_figure(result):
     return fig
 
 
-SWEEP_FIGURES = {"sweep_size": sweep_size_figure, "sweep_tpp": sweep_tpp_figure, "sweep_mixture": sweep_mixture_figure,
-                 "sweep_lr": sweep_lr_figure, "sweep_compute": sweep_compute_figure}
+SWEEP_FIGURES = {"sweep_size": sweep_size_figure, "sweep_tpp": sweep_tpp_figure,
+                 "sweep_mixture": sweep_mixture_figure, "sweep_lr": sweep_lr_figure,
+                 "sweep_compute": sweep_compute_figure}
 
 
 def main():

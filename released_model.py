@@ -112,8 +112,8 @@ def main():
     for seed, (name, count) in enumerate(corpora.items(), start=1):
         path = os.path.join(out_root, f"{name}.pt")
         if not os.path.exists(path):
-            launch("sample_replay.py", {"init_from": ckpt, "prompts": "bos", "num_samples": count, "length": block_size,
-                                        "batch_size": sample_batch_size, "seed": seed, "device": device,
+            launch("sample_replay.py", {"init_from": ckpt, "prompts": "bos", "num_samples": count,
+                                        "length": block_size, "batch_size": sample_batch_size, "seed": seed, "device": device,
                                         "compile": compile, "out": path, "resume": True}, f"sample_{name}")
 
     # finetuning: standard first, as it sets the Spanish target
@@ -145,7 +145,8 @@ def main():
     # comparison at exactly the target from the runs' own logs
     checkpoints = ",".join(f"{m}={out_root}/{m}/ckpt.pt" for m in METHODS)
     launch("evaluate.py", {"checkpoints": checkpoints, "reference": ckpt, "block_size": block_size,
-                           "datasets": f"{en},{es},corpus:{out_root}/heldout_self.pt", "eval_sequences": eval_sequences,
+                           "datasets": f"{en},{es},corpus:{out_root}/heldout_self.pt",
+                           "eval_sequences": eval_sequences,
                            "out_json": f"{out_root}/evaluate.json", "out_md": f"{out_root}/evaluate.md",
                            "device": device}, "evaluate")
     logs = {m: read_jsonl(os.path.join(out_root, m, "log.jsonl")) for m in METHODS}
@@ -191,8 +192,8 @@ def main():
     atomic_write_text("results/released_model.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     runs = ",".join(f"{m}={out_root}/{m}/log.jsonl" for m in METHODS)
-    launch("plot.py", {"figure": "frontier", "runs": runs, "old": "en", "new": "es", "right": "val_kl/heldout_self",
-                       "out": "results/released_model.png"}, "plot")
+    launch("plot.py", {"figure": "frontier", "runs": runs, "old": "en", "new": "es",
+                       "right": "val_kl/heldout_self", "out": "results/released_model.png"}, "plot")
     print(f"wrote results/released_model.json, .md and .png; kl_self forgets "
           f"{result['kl_self_forgetting_vs_standard']:.0%} of what standard finetuning forgets")
 

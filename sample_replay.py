@@ -77,8 +77,8 @@ def prompt_column(prompts):
     return torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in prompts])
 
 
-def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device, partial_path=None,
-                  progress=True, partial_source=None):
+def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device,
+                  partial_path=None, progress=True, partial_source=None):
     """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
     seed. With partial_path, progress is saved after every batch (tokens so far + the generator's
     state), and an existing partial file is continued: a killed run loses at most one batch and
@@ -87,8 +87,9 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     # everything that decides the samples: a resume with other settings would mix two corpora
-    settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size, "seed": seed,
-                "model_sha256": fingerprint(partial_source)["sha256"] if partial_source else None}
+    model_sha256 = fingerprint(partial_source)["sha256"] if partial_source else None
+    settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size,
+                "seed": seed, "model_sha256": model_sha256}
     if partial_path and os.path.exists(partial_path):
         try:
             partial = torch.load(partial_path, weights_only=True)
@@ -96,11 +97,10 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         except Exception:
             raise UserError(f"{partial_path} is damaged: delete it and sample again") from None
         if not same:
-            what = ("another model" if partial.get("settings", {}).get("model_sha256") != settings["model_sha256"]
-                    else "other settings")
+            other_model = partial.get("settings", {}).get("model_sha256") != settings["model_sha256"]
+            what = "another model" if other_model else "other settings"
             raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, "
-                            "or drop --resume to "
-                            f"start over")
+                            f"or drop --resume to start over")
         out = [partial["tokens"]]
         generator.set_state(partial["generator"])
         print(f"resuming sampling after {len(partial['tokens']):,} sequences")
@@ -110,8 +110,8 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
                                   generator=generator, compile_step=compile).cpu())
         if partial_path:
-            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(), "settings": settings,
-                               "prompts": prompt_tokens}, partial_path)
+            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(),
+                               "settings": settings, "prompts": prompt_tokens}, partial_path)
     return torch.cat(out)
 
 
@@ -182,7 +182,8 @@ def main():
         stats = {}
         for name, tok, _ in parsed:
             rows = (tokens[:, 0] == tok).numpy()
-            stats[name] = {"well_formed": float(well_formed[rows].mean()), "correct": float(correct[rows].mean())}
+            stats[name] = {"well_formed": float(well_formed[rows].mean()),
+                           "correct": float(correct[rows].mean())}
             print(f"  {name}: {stats[name]['well_formed']:.1%} well-formed, "
                   f"{stats[name]['correct']:.1%} correct")
         meta["stats"] = stats

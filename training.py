@@ -103,4 +103,5 @@ class TrainingLog:
         self.last_saved = (ckpt_path, step)
 
     def done(self, ckpt_path):
-        print(f"done in {time.time() - self.started:.1f}s, {self.last_saved[1]} steps; checkpoint {ckpt_path}")
+        seconds = time.time() - self.started
+        print(f"done in {seconds:.1f}s, {self.last_saved[1]} steps; checkpoint {ckpt_path}")

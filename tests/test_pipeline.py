@@ -175,7 +175,8 @@ def test_methods_are_compared_at_exactly_the_target_loss_by_interpolation(tmp_pa
     log = [{"step": 0, "val_loss/es": 9.0, "val_loss/en": 3.0}, {"step": 20, "val_loss/es": 5.0, "val_loss/en": 3.2},
            {"step": 40, "val_loss/es": 4.0, "val_loss/en": 3.6}]
     values, how = evaluate.at_target(log, "val_loss/es", 4.5)  # halfway between steps 20 and 40
-    assert how == "interpolated between steps 20 and 40" and values["step"] == 30 and values["val_loss/en"] == pytest.approx(3.4)
+    assert how == "interpolated between steps 20 and 40"
+    assert values["step"] == 30 and values["val_loss/en"] == pytest.approx(3.4)
     assert evaluate.at_target(log, "val_loss/es", 5.0) == (log[1], "exact")
     assert evaluate.at_target(log, "val_loss/es", 3.0) == (log[2], "not reached")
     for name, records in (("a", log), ("b", log[:2])):
@@ -200,7 +201,8 @@ def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_d
     assert same["sort"]["kl_to_reference"] == pytest.approx(0, abs=1e-6)
     assert same["sort"]["forgetting_loss"] == pytest.approx(0, abs=1e-6)
     assert ft["sort"]["kl_to_reference"] > 0
-    assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - report["metrics"]["reference"]["sort"]["loss"])
+    reference = report["metrics"]["reference"]
+    assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - reference["sort"]["loss"])
     assert report["arms"]["ft"] == {"sort": ft["sort"]["accuracy"], "add": ft["add"]["accuracy"]}
     assert "| ft |" in open(tmp_path / "eval.md").read()
 

@@ -179,7 +179,8 @@ def test_converted_checkpoint_is_plain_data_with_config_and_tokenizer(tiny_gguf)
         (4, 2, "swiglu", True, False, True)
     assert c["rope_theta"] == 50_000.0 and c["norm_eps"] == pytest.approx(1e-5)
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
-    assert ckpt["tokenizer"]["bos"] == 1 and ckpt["tokenizer"]["tokenizer"] == bpe.fingerprint(root / "model" / "tokenizer.json")
+    assert ckpt["tokenizer"]["bos"] == 1
+    assert ckpt["tokenizer"]["tokenizer"] == bpe.fingerprint(root / "model" / "tokenizer.json")
 
 
 def test_released_tokenizer_gives_hand_checked_ids(tiny_gguf):

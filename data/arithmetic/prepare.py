@@ -154,7 +154,8 @@ def score_rows(rows, digits=3, modulus=1000):
     for task in TASKS:
         mine = rows[:, 0] == TOKEN[f"bos_{task}"]
         ok = mine & is_digit[:, L["a"]].all(1) & is_digit[:, L["answer"]].all(1)
-        ok &= (rows[:, L["sep"]] == TOKEN["sep"]) & (rows[:, L["eq"]] == TOKEN["eq"]) & (rows[:, L["eos"]] == TOKEN["eos"])
+        for part in ("sep", "eq", "eos"):
+            ok &= rows[:, L[part]] == TOKEN[part]
         if task in ("add", "modadd"):
             ok &= is_digit[:, L["b"]].all(1)
         else:

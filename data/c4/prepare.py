@@ -59,8 +59,8 @@ def prepare(out_root, shards=1, max_mb=8.0, vocab_size=4096):
     os.makedirs(raw_dir, exist_ok=True)
     splits = {}
     for lang, pattern in SHARDS.items():
-        paths = [download(BASE_URL + pattern.format(i=i), os.path.join(raw_dir, os.path.basename(pattern.format(i=i))))
-                 for i in range(shards)]
+        names = [pattern.format(i=i) for i in range(shards)]
+        paths = [download(BASE_URL + name, os.path.join(raw_dir, os.path.basename(name))) for name in names]
         docs = read_documents(paths, max_mb * 1e6)
         splits[lang] = split_documents(docs)
         print(f"{lang}: {len(docs):,} documents, {len(splits[lang]['train']) / 1e6:.2f} MB train")
