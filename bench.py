@@ -28,8 +28,11 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from common import kl_loss, load_checkpoint, ntp_loss, pick_device, run, write_json
-from model import GPT, GPTConfig
+from checkpoint import load_checkpoint
+from config import pick_device, run
+from files import write_json
+from objective import kl_loss, ntp_loss
+from model import GPT, GPTConfig, paper_parameter_count
 
 width = 128
 depth = 4
@@ -79,11 +82,11 @@ def new_model(dev, block=None):
 
 
 def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
-    """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: student on a new and a
-    replay batch, frozen teacher on the replay batch)."""
+    """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: the model on a new and a
+    replay batch, the frozen reference on the replay batch)."""
     default, model_module.ATTENTION = model_module.ATTENTION, attention
     model = new_model(dev)
-    teacher = new_model(dev).eval().requires_grad_(False)
+    reference = new_model(dev).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if compiled else model
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=dev)
@@ -95,8 +98,8 @@ def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
             loss = ntp_loss(step_model(x), x)
             if with_kl:
                 with torch.no_grad():
-                    teacher_logits = teacher(replay)
-                loss = loss + kl_loss(step_model(replay), teacher_logits)
+                    reference_logits = reference(replay)
+                loss = loss + kl_loss(step_model(replay), reference_logits)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,7 +147,8 @@ def sample_vs_forward(dev):
         elif os.path.exists(config):
             model = load_checkpoint(config, dev)[0].eval()
         else:  # the cost of a step does not depend on the weights' values, only on the architecture
-            print(f"{name}: {config} not found (python convert.py makes it): SmolLM2-135M's shape, random weights")
+            print(f"{name}: {config} not found (python convert.py makes it): SmolLM2-135M's "
+                  "shape, random weights")
             model = GPT(SMOLLM2_SHAPE).to(dev).eval()
         x = torch.randint(0, model.config.vocab_size, (batch, length), device=dev)
 
@@ -171,7 +175,8 @@ def attention_speeds(dev):
     flash = model_module._flash_attention(dev)
     for T in (256, 512, 1024, 2048, 4096):
         B, H = max(1, 16384 // T), 8
-        q, k, v = (torch.randn(B, H, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(B, H, T, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
         mask = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
 
         def naive():
@@ -202,7 +207,8 @@ def main():
     dev = pick_device(device)
     on_cuda = dev.startswith("cuda")
     hot_attention = model_module.ATTENTION  # the default: PyTorch's SDPA
-    print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, vocab {vocab_size}; "
+    print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, "
+          f"vocab {vocab_size}; "
           f"batch {batch_size}; device {dev}" + ("" if on_cuda else f" ({torch.get_num_threads()} threads)"))
 
     variants = {  # name: (compiled, bf16, attention)
@@ -221,12 +227,14 @@ def main():
 
     kl_base = train_step_speed(dev, False, False, "sdpa", with_kl=True)[0]
     kl_hot = train_step_speed(dev, True, True, hot_attention, with_kl=True)[0]
-    print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path {kl_hot:,.0f} tokens/s "
+    print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path "
+          f"{kl_hot:,.0f} tokens/s "
           f"({kl_hot / kl_base:.2f}x)")
 
     cached, compiled, naive = sampling_speed(dev)
     print(f"\nsampling {sample_batch} x {new_tokens} new tokens: KV cache {cached:,.0f} tokens/s "
-          f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s ({compiled / naive:.1f}x), "
+          f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s "
+          f"({compiled / naive:.1f}x), "
           f"naive prefix recomputation {naive:,.0f} tokens/s")
 
     ratios = sample_vs_forward(dev)
@@ -237,7 +245,8 @@ def main():
 
     report = {
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads",
-        "config": {k: globals()[k] for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
+        "config": {k: globals()[k]
+                   for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
         "train_tokens_per_second": {name: v[0] for name, v in train.items()},
         "train_speedup_vs_baseline": train["hot path: compiled bf16"][0] / base,
         "finetune_kl_speedup_vs_baseline": kl_hot / kl_base,
@@ -257,7 +266,7 @@ def main():
             print(f"| {r['T']} | {' | '.join(cells)} | {r['sdpa'] / r.get('flash', float('nan')):.2f}x |")
         report["attention_ms"] = rows
         # model FLOPs per token: 6 N for the weights plus 6 L T D for attention (causal halves 12 L T D)
-        n_params = 12 * depth * width ** 2 + width * vocab_size
+        n_params = paper_parameter_count(depth, width, vocab_size)
         flops_per_token = 6 * n_params + 6 * depth * block_size * width
         peak = matmul_peak(dev)
         report["bf16_matmul_tflops"] = peak / 1e12

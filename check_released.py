@@ -25,7 +25,9 @@ import time
 import torch
 
 import tokenizer as bpe
-from common import UserError, atomic_write_text, load_checkpoint, run, write_json
+from checkpoint import load_checkpoint
+from config import run, UserError
+from files import atomic_write_text, write_json
 
 checkpoint = "out/smollm2/ckpt.pt"   # from convert.py
 gguf = ""                            # the GGUF it was converted from; "" = the checkpoint's source
@@ -84,7 +86,8 @@ def main():
     ours, ckpt = load_checkpoint(checkpoint)
     path = gguf or ckpt.get("source", "")
     if not path.endswith(".gguf") or not os.path.exists(path):
-        raise UserError(f"no GGUF file to compare with ({path!r}): pass --gguf=the file {checkpoint} was converted from")
+        raise UserError(f"no GGUF file to compare with ({path!r}): pass --gguf=the file "
+                        f"{checkpoint} was converted from")
     hf_model, hf_tok = transformers_models(path)
     encoding = bpe.load(ckpt["tokenizer"]["tokenizer_path"])
     report = {"checkpoint": checkpoint, "gguf": path, "transformers": __import__("transformers").__version__}
@@ -131,7 +134,8 @@ def main():
         lines.append(f"| logits, {len(ids)} tokens, {name}: max abs difference | {difference:.2e} |")
     for name, results in report["tokenizer"].items():
         for against, r in results.items():
-            lines.append(f"| {name}: identical ids {against} | {r['identical']} of {r['texts']} ({r['tokens']:,} tokens) |")
+            lines.append(f"| {name}: identical ids {against} | {r['identical']} of {r['texts']} "
+                         f"({r['tokens']:,} tokens) |")
     atomic_write_text(out_md, "\n".join(lines) + "\n")
     print(f"wrote {out_json} and {out_md}")
 

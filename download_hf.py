@@ -12,7 +12,8 @@ Llama 3.2 1B/3B: gated, so set HF_TOKEN) and Qwen3 (e.g. Qwen/Qwen3-0.6B).
 import json
 import os
 
-from common import UserError, download, run
+from config import run, UserError
+from files import download
 
 repo = "HuggingFaceTB/SmolLM2-360M"
 out_dir = ""                     # "" = out/hf/<name of the repo>
@@ -21,7 +22,7 @@ revision = "main"
 
 
 def fetch(url, path):
-    """Download url to path (common.download: atomic, one line on failure)."""
+    """Download url to path (files.download: atomic, one line on failure)."""
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
     try:
         return download(url, path, "this needs internet (and HF_TOKEN for gated models); offline, use "

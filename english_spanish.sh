@@ -75,7 +75,8 @@ finetune ntp_real --replay=ntp --replay_coeff=$COEFF "${REAL[@]}" "${UNTIL[@]}"
 finetune lwf      --lwf_coeff=$COEFF "${UNTIL[@]}"
 # the same NTP self-replay with reuse: a corpus of REPLAY_BATCH x 64 sequences, cycled (the old protocol)
 [ -f $OUT/replay_en_small.pt ] || run python sample_replay.py --init_from=$OUT/pretrain_en/ckpt.pt \
-    --prompts=bible/en --num_samples=$((64 * REPLAY_BATCH)) --batch_size=512 --seed=7 --out=$OUT/replay_en_small.pt --resume=True
+    --prompts=bible/en --num_samples=$((64 * REPLAY_BATCH)) --batch_size=512 --seed=7 \
+    --out=$OUT/replay_en_small.pt --resume=True
 finetune ntp_self_reused --replay=ntp --replay_coeff=$COEFF --replay_source=$OUT/replay_en_small.pt \
     --replay_batch_size=$REPLAY_BATCH --replay_reuse=True "${UNTIL[@]}"
 

@@ -19,15 +19,20 @@ the target, linearly interpolated between the two evaluations around it.
 import os
 import time
 
-from common import (UserError, atomic_write_text, check_compatible, check_short_names, check_writable,
-                    evaluate_on, load_checkpoint, open_eval_set, pick_device, read_jsonl, run,
-                    time_split, write_json)
+import torch
+
+from checkpoint import load_checkpoint
+from config import UserError, pick_device, run
+from dataset import check_compatible, check_short_names, open_eval_set
+from files import atomic_write_text, check_writable, read_jsonl, write_json
 from model import GPTConfig
+from objective import kl_loss, ntp_loss
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
 reference = "out/pretrain_add/ckpt.pt"          # "" = no reference (no KL, no forgetting columns)
 datasets = ""                                    # comma-separated (or corpus:<path>); "" = the reference's
-block_size = 0                                   # text windows of this many tokens; 0 = the model's block_size
+block_size = 0                                   # text windows of this many tokens;
+                                                 # 0 = the model's block_size
 eval_sequences = 2048
 out_json = "results/eval.json"
 out_md = ""
@@ -40,6 +45,92 @@ logs = ""                                        # comma-separated name=path/to/
 match = ""                                       # key=target, e.g. val_loss/es=4.744
 
 
+# ----------------------------------------------------------------------------------------------
+# measuring a model on datasets: used here and, every eval_interval steps, by pretrain.py and
+# finetune.py, so that training logs and this script's reports are the same numbers
+
+# how evaluate_on's numbers are named in training logs, e.g. "val_loss/add"
+LOG_NAMES = {"loss": "val_loss", "kl": "val_kl", "accuracy": "accuracy"}
+
+
+@torch.no_grad()
+def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", reference=None,
+                reference_cache=None, batch_size=256):
+    """Validation numbers on the fixed validation sequences, from one forward pass of the model:
+    "loss", the mean next-token loss; "kl", the mean KL(reference || model), when a frozen reference
+    is given (its logits can be kept between calls: pass a dict as reference_cache, one per dataset);
+    and on a toy task's rows "accuracy", the exact-match accuracy of greedy decoding. That needs no
+    decoding: greedy decoding writes a row's whole answer exactly when, fed the true answer so far,
+    the model's most likely next token is the true one at every answer position (where decoding
+    would first go wrong, so does that argmax), and the loss's logits hold those argmaxes."""
+    meta = dataset.meta
+    answers = (meta["answer_start"], meta["answer_end"]) if "answer_start" in meta else None
+    cache = {} if reference_cache is None else reference_cache
+    totals, count = {"loss": 0.0}, 0
+    if reference is not None:
+        totals["kl"] = 0.0
+    if answers:
+        totals["accuracy"] = 0.0
+    for i, x in enumerate(dataset.eval_batches("val", batch_size, block_size, max_sequences)):
+        x = x.to(device)
+        logits = model(x)
+        totals["loss"] += ntp_loss(logits, x).item() * len(x)
+        if reference is not None:
+            if i not in cache:
+                cache[i] = reference(x)
+            totals["kl"] += kl_loss(logits, cache[i]).item() * len(x)
+        if answers:
+            start, end = answers
+            guess = logits[:, start - 1:end - 1].argmax(dim=-1)   # position p - 1 predicts token p
+            totals["accuracy"] += (guess == x[:, start:end]).all(dim=1).sum().item()
+        count += len(x)
+    return {k: v / count for k, v in totals.items()}
+
+
+def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None, reference_logits=None):
+    """evaluate_on on every dataset of sets ({name: dataset}), in eval mode: {short name: numbers}.
+    reference_logits: a dict kept between calls, in which the frozen reference's logits on each
+    dataset's fixed sequences are computed once."""
+    was_training = model.training
+    model.eval()
+    results = {}
+    for name, d in sets.items():
+        cache = None if reference_logits is None else reference_logits.setdefault(name, {})
+        results[d.short_name] = evaluate_on(model, d, block_size, max_sequences, device, reference, cache)
+    model.train(was_training)
+    return results
+
+
+def log_names(results):
+    """evaluate_sets' numbers under the names training logs use: val_loss/add, val_kl/add, ..."""
+    return {f"{LOG_NAMES[k]}/{short}": v for short, numbers in results.items() for k, v in numbers.items()}
+
+
+def time_split(paths):
+    """Where an experiment's time went, from its run folders (and any below them) and replay corpus
+    files: training (each log's train_seconds), sampling (the corpora's meta["seconds"], and fresh
+    replay drawn during finetuning) and evaluation (each log's eval_seconds)."""
+    split = {"sampling": 0.0, "training": 0.0, "evaluation": 0.0}
+    files = [p for p in paths if os.path.isfile(p)]
+    files += [os.path.join(folder, name) for p in paths if os.path.isdir(p)
+              for folder, _, names in sorted(os.walk(p)) for name in sorted(names)]
+    for path in files:
+        name = os.path.basename(path)
+        if name == "log.jsonl":
+            last = read_jsonl(path)[-1]
+            split["training"] += last.get("train_seconds", 0.0)
+            split["sampling"] += last.get("replay_sample_seconds", 0.0)
+            split["evaluation"] += last.get("eval_seconds", 0.0)
+        elif name.endswith(".pt") and name != "ckpt.pt":
+            corpus = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(corpus, dict) and "seconds" in corpus.get("meta", {}):
+                split["sampling"] += corpus["meta"]["seconds"]
+    return {k: round(v, 1) for k, v in split.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the report: checkpoints against the reference, or finetuning logs compared at matched loss
+
 def parse_named(spec, what="--checkpoints"):
     named = {}
     for item in [s for s in spec.split(",") if s]:
@@ -50,15 +141,16 @@ def parse_named(spec, what="--checkpoints"):
     return named
 
 
-reference_logits = {}  # dataset -> the reference's logits on its fixed sequences, computed once for all models
+# dataset -> the reference's logits on its fixed sequences, computed once for all models
+reference_logits = {}
 
 
-def measure(model, reference_model, data, dev):
-    T = block_size or model.config.block_size
-    reference = reference_model if reference_model is not None and reference_model is not model else None
-    numbers = evaluate_on(model, data, T, max_sequences=eval_sequences, device=dev, reference=reference,
-                          reference_cache=reference_logits.setdefault(data.name, {}))
-    return {("kl_to_reference" if k == "kl" else k): v for k, v in numbers.items()}
+def measure(model, data, dev, reference_model=None):
+    """{short name: numbers} for one checkpoint; its KL to the reference model is kl_to_reference."""
+    results = evaluate_sets(model, {d.name: d for d in data}, block_size or model.config.block_size,
+                            eval_sequences, dev, reference_model, reference_logits)
+    return {short: {("kl_to_reference" if k == "kl" else k): v for k, v in numbers.items()}
+            for short, numbers in results.items()}
 
 
 def same_model(a, b):
@@ -113,7 +205,8 @@ def compare_at_matched_loss():
         start = records[0]
         row = {"how": how, "step": values["step"], "replay_passes": records[-1].get("replay_passes"),
                "best": min(r[key] for r in records if key in r)}
-        for data in dict.fromkeys(k.split("/", 1)[1] for k in values if k.startswith(("val_loss/", "val_kl/"))):
+        measured = dict.fromkeys(k.split("/", 1)[1] for k in values if k.startswith(("val_loss/", "val_kl/")))
+        for data in measured:
             loss, kl = values.get(f"val_loss/{data}"), values.get(f"val_kl/{data}")
             row[f"val_loss/{data}"] = loss
             if f"val_loss/{data}" != key and loss is not None and f"val_loss/{data}" in start:
@@ -154,7 +247,8 @@ def main():
     check_outputs()
     missing = [f for f in time_runs.split(",") if f and not os.path.exists(f)]
     if missing:
-        raise UserError(f"--time_runs: {missing[0]} does not exist: give the experiment's run folders and corpora")
+        raise UserError(f"--time_runs: {missing[0]} does not exist: give the experiment's run "
+                        "folders and corpora")
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
@@ -166,7 +260,8 @@ def main():
                        "replay_passes": ckpt.get("replay_passes")}  # None: a checkpoint older than the count
         models[name].eval()
         if ref_model is not None and not same_model(ckpt["model_config"], ref_ckpt["model_config"]):
-            raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the reference {reference} has "
+            raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the "
+                            f"reference {reference} has "
                             f"{ref_ckpt['model_config']}: compare checkpoints of the same model")
     first_ckpt = ref_ckpt or ckpt
     names = [d for d in datasets.split(",") if d] or list(first_ckpt.get("data", {}))
@@ -182,9 +277,9 @@ def main():
     results = {}
     if ref_model is not None:
         ref_model.eval()
-        results["reference"] = {d.short_name: measure(ref_model, None, d, dev) for d in data}
+        results["reference"] = measure(ref_model, data, dev)
     for name, model in models.items():
-        results[name] = {d.short_name: measure(model, ref_model, d, dev) for d in data}
+        results[name] = measure(model, data, dev, ref_model)
         if ref_model is not None:
             for short, m in results[name].items():
                 ref = results["reference"][short]
@@ -192,7 +287,9 @@ def main():
                 if "accuracy" in m:
                     m["forgetting_accuracy"] = ref["accuracy"] - m["accuracy"]
 
-    report = {"arms": {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m} for name in named},
+    accuracies = {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m}
+                  for name in named}
+    report = {"arms": accuracies,
               "metrics": results,
               "steps": steps,
               "checkpoints": named,
@@ -218,14 +315,16 @@ def markdown_table(results, dataset_names, steps):
         for key, label in (("accuracy", "acc"), ("loss", "loss"), ("kl_to_reference", "KL")):
             if any(key in results[row][s] for row in results):
                 columns.append((s, key, f"{s} {label}"))
-    lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps | replay passes |", "|---" * (len(columns) + 3) + "|"]
+    lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps | replay passes |",
+             "|---" * (len(columns) + 3) + "|"]
     for row, metrics in results.items():
         cells = []
         for s, key, _ in columns:
             value = metrics[s].get(key)
             cells.append("" if value is None else f"{value:.3f}")
         step = steps.get(row, {})
-        note = f"{step.get('step')}" + (" (target not reached)" if step.get("stop_reason") == "target not reached" else "")
+        reached = step.get("stop_reason") != "target not reached"
+        note = f"{step.get('step')}" + ("" if reached else " (target not reached)")
         passes = "" if step.get("replay_passes") is None else step["replay_passes"]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {note if step else ''} | {passes} |")
     return "\n".join(lines)

@@ -96,14 +96,16 @@ def _flash_attention(device="cuda"):
             q, k, v = (torch.randn(1, 2, 80, 64, device=device, generator=generator) for _ in range(3))
             # in float32 whatever the caller's autocast says (under bfloat16 autocast SDPA would round)
             with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
-                error = (flash_attention(q, k, v) - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max()
+                expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                error = (flash_attention(q, k, v) - expected).abs().max()
             if error > 1e-3:
                 raise RuntimeError(f"differs from SDPA by {error.item():.2e}")
             _flash = flash_attention
         except ImportError:
             pass
         except Exception as e:  # a GPU/Triton combination the kernel was not built for
-            print(f"warning: flash attention unavailable ({type(e).__name__}: {e}); using SDPA", file=sys.stderr)
+            print(f"warning: flash attention unavailable ({type(e).__name__}: {e}); using SDPA",
+                  file=sys.stderr)
     return _flash or None
 
 
@@ -306,7 +308,8 @@ class GPT(nn.Module):
     def decode_step(self, token, cache):
         """Logits (B, V) for one new token per row, token (B, 1), at position cache.position. All
         shapes are fixed, so this step compiles once (and becomes a CUDA graph on GPU)."""
-        cos, sin = self.rope_cos.index_select(0, cache.position), self.rope_sin.index_select(0, cache.position)
+        cos = self.rope_cos.index_select(0, cache.position)
+        sin = self.rope_sin.index_select(0, cache.position)
         x = self.embed(token)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
@@ -360,13 +363,15 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1).squeeze(-1)
 
 
-def count_parameters(model):
-    """Returns (actual parameter count, the paper's formula 12*L*D^2 + D*V).
+def paper_parameter_count(depth, width, vocab_size):
+    """The paper's 12*L*D^2 + D*V: attention (4 D^2) and MLP (8 D^2) weights per block plus one
+    D x V embedding. The paper measures tokens-per-parameter against it, and so do we."""
+    return 12 * depth * width ** 2 + width * vocab_size
 
-    The formula counts attention (4 D^2) and MLP (8 D^2) weights per block plus one D x V
-    embedding; the actual count also includes the second (untied) embedding. The paper uses the
-    formula for tokens-per-parameter, and so do we. (A tied embedding is counted once.)"""
+
+def count_parameters(model):
+    """Returns (actual parameter count, paper_parameter_count). The actual count also includes the
+    second (untied) embedding; a tied embedding is counted once."""
     c = model.config
     actual = sum(p.numel() for p in model.parameters())
-    paper = 12 * c.depth * c.width ** 2 + c.width * c.vocab_size
-    return actual, paper
+    return actual, paper_parameter_count(c.depth, c.width, c.vocab_size)

@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
-from common import UserError, check_writable, read_jsonl, run
+from config import run, UserError
+from files import atomic_path, check_writable, read_jsonl
 
 figure = "toy_continual"        # "toy_continual" or "frontier"
 out = "results/toy_continual.png"
@@ -33,7 +34,8 @@ arms = "no_replay,replay"
 runs = ""                       # comma-separated name=log.jsonl
 old = "add"                     # dataset short names as they appear in the logs (val_loss/<name>)
 new = "sort"
-right = ""                      # right panel: "" = zoom on the left one, or another logged metric (val_kl/<name>)
+right = ""                      # right panel: "" = zoom on the left one, or another logged metric
+                                # (val_kl/<name>)
 # sweep_*
 results = ""                    # results/sweep_<study>.json
 
@@ -92,7 +94,8 @@ def toy_continual_figure():
         ax.set_ylim(-0.03, 1.12)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("exact-match accuracy (val)")
-    fig.text(0.5, 0.01, "task being trained is named at the top of each segment", ha="center", fontsize=8, color="dimgray")
+    fig.text(0.5, 0.01, "task being trained is named at the top of each segment", ha="center", fontsize=8,
+             color="dimgray")
     axes[0][-1].legend(loc="center right", fontsize=8)
     return fig
 
@@ -107,9 +110,11 @@ def frontier_figure():
     lowest = float("inf")
     second = right or f"val_loss/{old}"
     for name, _, path in named:
-        records = [r for r in read_log(path) if f"val_loss/{old}" in r and f"val_loss/{new}" in r and second in r]
+        wanted = (f"val_loss/{old}", f"val_loss/{new}", second)
+        records = [r for r in read_log(path) if all(k in r for k in wanted)]
         if not records:
-            raise UserError(f"{path} has no val_loss/{old}, val_loss/{new} and {second}: pass --old/--new/--right "
+            raise UserError(f"{path} has no val_loss/{old}, val_loss/{new} and {second}: pass "
+                            "--old/--new/--right "
                             f"as logged there")
         xs, ys = [r[f"val_loss/{new}"] for r in records], [r[f"val_loss/{old}"] for r in records]
         lowest = min(lowest, min(ys))
@@ -177,18 +182,21 @@ def forgetting_panels(rows, x_key, tick_labels, xlabel, title):
 
 def sweep_size_figure(result):
     rows = result["models"]
-    return forgetting_panels(rows, "paper_params",
-                             [f"D={r['width']}\n{r['paper_params'] / 1e3:.0f}k\n{r['tokens_per_param']:.0f} TPP" for r in rows],
+    labels = [f"D={r['width']}\n{r['paper_params'] / 1e3:.0f}k\n{r['tokens_per_param']:.0f} TPP" for r in rows]
+    return forgetting_panels(rows, "paper_params", labels,
                              "model width, parameters (12LD^2+DV), tokens/param pretrained",
-                             f"Forgetting vs model size: every model pretrained to English loss {result['english_target']:.3f}, "
+                             "Forgetting vs model size: every model pretrained to English loss "
+                             f"{result['english_target']:.3f}, "
                              f"finetuned to Spanish loss {result['spanish_target']:.3f}")
 
 
 def sweep_tpp_figure(result):
     rows = result["models"]
     return forgetting_panels(rows, "tpp", [f"{r['tpp']:g}\n(en {r['en_loss']:.2f})" for r in rows],
-                             f"pretraining tokens per parameter (width {result['width']}), English loss reached",
-                             f"Forgetting vs pretraining length, finetuned to Spanish loss {result['spanish_target']:.3f}")
+                             f"pretraining tokens per parameter (width {result['width']}), "
+                             "English loss reached",
+                             "Forgetting vs pretraining length, finetuned to Spanish loss "
+                             f"{result['spanish_target']:.3f}")
 
 
 def sweep_mixture_figure(result):
@@ -223,7 +231,8 @@ def sweep_lr_figure(result):
                      key=lambda g: g["pretrain_lr"])
         x = [g["pretrain_lr"] for g in sel]
         y = [g["forgetting"] for g in sel]
-        err = [[g["forgetting"] - g["forgetting_min"] for g in sel], [g["forgetting_max"] - g["forgetting"] for g in sel]]
+        err = [[g["forgetting"] - g["forgetting_min"] for g in sel],
+               [g["forgetting_max"] - g["forgetting"] for g in sel]]
         label = f"finetune LR {flr:g}, " + ("KL self-replay x1" if c else "plain")
         axes[0].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=label)
         for g in sel:
@@ -241,7 +250,8 @@ def sweep_lr_figure(result):
     axes[0].set_ylabel("English loss increase at the Spanish target")
     axes[0].legend(fontsize=7)
     axes[1].set_ylabel("English loss before finetuning (mean over seeds)")
-    fig.suptitle(f"Pretraining learning rate ({result['tokens_per_param']:g} tokens/param), finetuned to Spanish loss "
+    fig.suptitle(f"Pretraining learning rate ({result['tokens_per_param']:g} tokens/param), "
+                 "finetuned to Spanish loss "
                  f"{result['spanish_target']:.3f}; {len(result['runs_table']) // max(1, len(summary))} seeds",
                  fontsize=10)
     return fig
@@ -272,7 +282,8 @@ def sweep_compute_figure(result):
         ax.errorbar(x, [r["median"] for r in rows], capsize=3, marker="o", ls="none", color=f"C{j}",
                     mfc="white" if any(r["at_least"] for r in rows) else None,
                     yerr=[[r["median"] - r["min"] for r in rows], [r["max"] - r["median"] for r in rows]],
-                    label={"self": "self-generated replay (KL)", "replace": "real rows replace part of the batch"}[variant])
+                    label={"self": "self-generated replay (KL)",
+                           "replace": "real rows replace part of the batch"}[variant])
     if any(r["median"] for r in result["summary"]):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -285,8 +296,9 @@ def sweep_compute_figure(result):
     return fig
 
 
-SWEEP_FIGURES = {"sweep_size": sweep_size_figure, "sweep_tpp": sweep_tpp_figure, "sweep_mixture": sweep_mixture_figure,
-                 "sweep_lr": sweep_lr_figure, "sweep_compute": sweep_compute_figure}
+SWEEP_FIGURES = {"sweep_size": sweep_size_figure, "sweep_tpp": sweep_tpp_figure,
+                 "sweep_mixture": sweep_mixture_figure, "sweep_lr": sweep_lr_figure,
+                 "sweep_compute": sweep_compute_figure}
 
 
 def main():
@@ -297,13 +309,12 @@ def main():
     elif figure in SWEEP_FIGURES:
         fig = SWEEP_FIGURES[figure](read_results(results))
     else:
-        raise UserError(f"--figure={figure!r} must be toy_continual, frontier or one of {', '.join(SWEEP_FIGURES)}")
+        raise UserError(f"--figure={figure!r} must be toy_continual, frontier or one of "
+                        f"{', '.join(SWEEP_FIGURES)}")
     check_writable(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.tight_layout()
-    tmp = f"{out}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
+    with atomic_path(out, suffix=".png") as tmp:  # savefig picks the format by the ending
+        fig.savefig(tmp, dpi=120)
     print(f"wrote {out}")
 
 

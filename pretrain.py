@@ -18,12 +18,16 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from common import (LOG_NAMES, Dataset, UserError, append_jsonl, check_compatible, check_diverged,
-                    check_short_names, check_training_settings, claim_out_dir, config_snapshot, dataset_files,
-                    evaluate_on, from_rank0, global_mean, input_fingerprints, load_for_resume, lr_at, max_weight,
-                    ntp_loss, pick_device, progress_bar, rank0_only, restore_rng, rng_state, run, run_end,
-                    sample_mixture, save_checkpoint, set_seed, setup_distributed, shard, prepare_log)
+from checkpoint import resume_run, save_checkpoint, train_state
+from config import UserError, check_training_settings, config_snapshot, pick_device, run, set_seed
+from dataset import Dataset, check_compatible, check_short_names, dataset_files, sample_mixture
+from distributed import finish_distributed, from_rank0, global_mean, rank0_only, setup_distributed, shard
+from evaluate import evaluate_sets, log_names
+from files import claim_out_dir, input_fingerprints
 from model import GPT, GPTConfig, count_parameters
+from objective import ntp_loss
+from progress import progress_bar
+from training import TrainingLog, lr_at, run_end
 
 # -- I/O
 out_dir = "out/pretrain_add"
@@ -58,47 +62,77 @@ eval_sequences = 1024            # validation sequences per dataset for loss (an
 # -- system
 device = "auto"                  # "auto" = cuda if available, else cpu
 compile = False                  # torch.compile the training step (measured: see README)
-resume = False                   # continue from out_dir/ckpt.pt (same settings and inputs) instead of starting over
+resume = False                   # continue from out_dir/ckpt.pt (same settings and inputs) instead of
+                                 # starting over
 overwrite = False                # a fresh run into a folder holding another run's outputs replaces them
 dtype = "float32"                # "bfloat16" = autocast matmuls to bf16
 seed = 1337
 
-SETTINGS = [k for k in list(globals()) if not k.startswith("_") and isinstance(globals()[k], (int, float, str, bool))]
+# the settings above: what a run records, and what --resume compares
+SETTINGS = [k for k, v in list(globals().items())
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool))]
+
+
+def check_settings():
+    """Refuse, before any work, the settings that would fail later with a traceback or train
+    otherwise than asked (the data files are checked when they are read)."""
+    check_training_settings(globals())
+    if min(max_steps, max_tokens, tokens_per_param, block_size, cooldown_steps) < 0:
+        raise UserError("--max_steps, --max_tokens, --tokens_per_param, --block_size and --cooldown_steps "
+                        "must be >= 0")
+    if not (max_steps or max_tokens or tokens_per_param):
+        raise UserError("no stopping rule: set --max_steps, --max_tokens or --tokens_per_param")
+    if min(width, depth, head_dim) < 1:
+        raise UserError("--width, --depth and --head_dim must be positive")
+    if not [n for n in datasets.split(",") if n]:
+        raise UserError("--datasets is empty: name at least one dataset under data/, e.g. arithmetic/add")
+
+
+def mixture_fractions(n_datasets):
+    """--mixture as one fraction per dataset (equal shares when it is empty)."""
+    if not mixture:
+        return [1.0 / n_datasets] * n_datasets
+    try:
+        fractions = [float(f) for f in mixture.split(",")]
+    except ValueError:
+        fractions = []
+    if len(fractions) != n_datasets or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+        raise UserError(f"--mixture={mixture!r} must give one non-negative fraction per dataset, "
+                        f"summing to 1")
+    return fractions
 
 
 def main():
+    check_settings()
     rank, world_size, dev = setup_distributed(pick_device(device))
-    is_main = rank == 0
+    is_main = rank == 0  # rank 0 alone evaluates and writes files
     rng = set_seed(seed)
+
+    # -- data: the datasets trained on (each a fixed share of every batch), and those only evaluated
     names = [n for n in datasets.split(",") if n]
     data = [Dataset(n) for n in names]
-    fractions = [float(f) for f in mixture.split(",")] if mixture else [1.0 / len(data)] * len(data)
-    if len(fractions) != len(data) or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
-        raise UserError(f"--mixture={mixture!r} must give one non-negative fraction per dataset, summing to 1")
+    fractions = mixture_fractions(len(data))
     tokenizers = {d.meta["tokenizer"] for d in data}
     if len(tokenizers) > 1:
-        raise UserError(f"datasets {names} come from different tokenizers {sorted(tokenizers)}: re-prepare them together")
-    row_lens = {d.row_len for d in data}
-    if len(row_lens) > 1:
-        raise UserError(f"datasets {names} mix row lengths {row_lens}: use datasets of one layout")
-    check_training_settings(globals())
-    if min(max_steps, max_tokens, tokens_per_param, block_size, cooldown_steps) < 0:
-        raise UserError("--max_steps, --max_tokens, --tokens_per_param, --block_size and --cooldown_steps must be >= 0")
-    if min(width, depth, head_dim) < 1:
-        raise UserError("--width, --depth and --head_dim must be positive")
+        raise UserError(f"datasets {names} come from different tokenizers {sorted(tokenizers)}: "
+                        f"re-prepare them together")
+    if len({d.row_len for d in data}) > 1:
+        raise UserError(f"datasets {names} mix row lengths {sorted({d.row_len or 0 for d in data})}: "
+                        f"use datasets of one layout")
+    extra = [Dataset(n) for n in eval_datasets.split(",") if n and n not in names]
     T = block_size or data[0].row_len or 256
+    seq_len = data[0].seq_len(T)
+
+    # -- model and optimizer: how long to train is counted in steps, tokens or tokens per parameter
     try:
         config = GPTConfig(vocab_size=data[0].meta["vocab_size"], block_size=T, width=width, depth=depth,
                            head_dim=head_dim)
     except ValueError as e:
         raise UserError(f"{e}: choose --width a multiple of an even --head_dim") from None
-    extra = [Dataset(n) for n in eval_datasets.split(",") if n and n not in names]
     for d in data + extra:
         check_compatible(d.meta, config.to_dict(), d.dir)
         d.check_length(T)
     check_short_names(data + extra)
-    seq_len = data[0].seq_len(T)
-
     model = GPT(config).to(dev)
     n_actual, n_paper = count_parameters(model)
     tokens_per_step = batch_size * seq_len
@@ -107,71 +141,46 @@ def main():
         limits.append(math.ceil(max_tokens / tokens_per_step))
     if tokens_per_param:
         limits.append(math.ceil(tokens_per_param * n_paper / tokens_per_step))
-    if not limits:
-        raise UserError("no stopping rule: set --max_steps, --max_tokens or --tokens_per_param")
     total_steps = min(limits)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2),
+                                  weight_decay=weight_decay)
 
+    # -- output folder and resume: one run per folder, never over another run's outputs unasked
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log_path = os.path.join(out_dir, "log.jsonl")
     run_config = config_snapshot(globals(), SETTINGS)
     input_files = [f for d in data + extra for f in dataset_files(d.name)]
     inputs = input_fingerprints({"datasets": input_files})
-    # one run per folder: lock it, and never replace another run's outputs unasked
     rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite, input_files))
-    start_step = 0
-    if resume and (ckpt := load_for_resume(ckpt_path, run_config, inputs)) is not None:
-        if ckpt.get("finished"):
-            print(f"{ckpt_path} is a finished run ({ckpt['step']} steps): nothing to do")
-            return
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        restore_rng(rng, ckpt["train_state"]["rng"])
-        start_step = ckpt["step"]
-        print(f"resuming {ckpt_path} at step {start_step}")
+    saved = resume_run(ckpt_path, run_config, inputs, model, optimizer, rng) if resume else None
+    if saved and saved.get("finished"):
+        print(f"{ckpt_path} is a finished run ({saved['step']} steps): nothing to do")
+        return
+    start_step = saved["step"] if saved else 0
+    # a reached target starts the cooldown (total_steps: none yet), and the run ends cooldown_steps later
+    cooldown_from = (saved and saved["train_state"].get("cooldown_from")) or total_steps
     if is_main:
         print(f"model: width {width}, depth {depth}, {config.n_heads} heads of {head_dim}, block {T}; "
               f"{n_actual:,} parameters ({n_paper:,} by 12LD^2+DV)")
-        print(f"data: {', '.join(f'{n} ({f:.0%})' for n, f in zip(names, fractions))}; "
-              f"{total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
+        print(f"data: {', '.join(f'{n} ({f:.0%})' for n, f in zip(names, fractions))}; {total_steps} steps x "
+              f"{tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
               + (f"; {world_size} processes" if world_size > 1 else ""))
         os.makedirs(out_dir, exist_ok=True)
-    # seconds in training steps alone and in evaluations (the current one included), carried over a resume
-    kept = (prepare_log(log_path, start_step) if is_main else None) or {}
-    train_seconds, eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
+    log = TrainingLog(os.path.join(out_dir, "log.jsonl"), start_step, model, ckpt_path,
+                      hint="lower --learning_rate", is_main=is_main)
 
+    def evaluate(step, train_loss):
+        record = {"tokens": step * tokens_per_step, "train_loss": train_loss}
+        return log.evaluation(step, record, lambda: log_names(
+            evaluate_sets(model, {d.name: d for d in data + extra}, T, eval_sequences, dev)))
+
+    # -- training loop
     train_model = torch.compile(model) if compile else model
     if world_size > 1:
         train_model = DistributedDataParallel(train_model)
-    autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-    def evaluate(step, train_loss, t0):
-        nonlocal eval_seconds
-        started = time.time()
-        model.eval()
-        record = {"step": step, "tokens": step * tokens_per_step, "train_loss": train_loss,
-                  "seconds": round(time.time() - t0, 2), "train_seconds": round(train_seconds, 2)}
-        for d in data + extra:
-            numbers = evaluate_on(model, d, T, max_sequences=eval_sequences, device=dev)
-            record.update({f"{LOG_NAMES[k]}/{d.short_name}": v for k, v in numbers.items()})
-        model.train()
-        eval_seconds += time.time() - started
-        record["eval_seconds"] = round(eval_seconds, 2)
-        check_diverged(record, model, start_weight, last_saved, "lower --learning_rate")
-        append_jsonl(log_path, record)
-        return record
-
-    # a diverging run is stopped before it logs or saves anything, naming the last good checkpoint
-    start_weight, last_saved = max_weight(model), (ckpt_path, start_step) if start_step else None
-    t0 = time.time()
+    autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     if is_main and start_step == 0:
-        evaluate(0, None, t0)  # the untrained model, so curves start at chance
+        evaluate(0, None)  # the untrained model, so curves start at chance
     pbar = progress_bar(range(start_step, total_steps), "pretrain", disable=not is_main)
-    # a reached target starts the cooldown (total_steps: none yet), and the run ends cooldown_steps later
-    cooldown_from = total_steps
-    if start_step and ckpt["train_state"].get("cooldown_from") is not None:
-        cooldown_from = ckpt["train_state"]["cooldown_from"]
-    last_step = run_end(total_steps, cooldown_from, cooldown_steps)
     for step in pbar:
         step_started = time.time()
         for group in optimizer.param_groups:
@@ -181,45 +190,42 @@ def main():
         with autocast:
             loss = ntp_loss(train_model(x), x)
         if not torch.isfinite(loss):
-            check_diverged({"step": step, "train_loss": loss.item()}, None, 0.0, last_saved, "lower --learning_rate")
+            log.check({"step": step, "train_loss": loss.item()}, model=False)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         train_loss = global_mean(loss, world_size).item()
-        train_seconds += time.time() - step_started
+        log.train_seconds += time.time() - step_started
         pbar.set_postfix(loss=f"{train_loss:.4f}")
 
-        if (step + 1) % eval_interval == 0 or step + 1 == last_step:
-            if not is_main:  # wait for rank 0's verdict on the targets
-                cooldown_from = from_rank0(0, world_size)
-                last_step = run_end(total_steps, cooldown_from, cooldown_steps)
-                if from_rank0(False, world_size):
-                    break
-                continue
-            record = evaluate(step + 1, train_loss, t0)  # checked for divergence before it is logged
-
-            tqdm.write(f"step {step + 1}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
-            trained = [d.short_name for d in data]
-            val_losses = [record[f"val_loss/{n}"] for n in trained]
-            accuracies = [record[f"accuracy/{n}"] for n in trained if f"accuracy/{n}" in record]
-            reached = ((target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss)
-                       or (target_accuracy and accuracies and min(accuracies) >= target_accuracy))
-            if reached and step + 1 < cooldown_from:
-                tqdm.write("target reached" + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
-                cooldown_from = step + 1
-            last_step = run_end(total_steps, from_rank0(cooldown_from, world_size), cooldown_steps)
-            finished = step + 1 >= last_step
-            save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
-                            step=step + 1, finished=finished, inputs=inputs,
-                            train_state={"optimizer": optimizer.state_dict(), "rng": rng_state(rng),
-                                         "cooldown_from": cooldown_from if cooldown_from < total_steps else None})
-            last_saved = (ckpt_path, step + 1)
-            if from_rank0(finished, world_size):
+        # -- evaluation and checkpoint: rank 0 evaluates, decides whether to stop, and saves;
+        # every rank then follows its decision
+        if (step + 1) % eval_interval == 0 or step + 1 == run_end(total_steps, cooldown_from, cooldown_steps):
+            finished = False
+            if is_main:
+                record = evaluate(step + 1, train_loss)  # checked for divergence before it is logged
+                val_losses = [record[f"val_loss/{d.short_name}"] for d in data]
+                accuracies = [record[k] for d in data if (k := f"accuracy/{d.short_name}") in record]
+                reached = ((target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss)
+                           or (target_accuracy and accuracies and min(accuracies) >= target_accuracy))
+                if reached and step + 1 < cooldown_from:
+                    tqdm.write("target reached"
+                               + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
+                    cooldown_from = step + 1
+                finished = step + 1 >= run_end(total_steps, cooldown_from, cooldown_steps)
+                save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
+                                step=step + 1, finished=finished, inputs=inputs, train_state=train_state(
+                                    optimizer, rng, cooldown_from if cooldown_from < total_steps else None))
+                log.saved(ckpt_path, step + 1)
+            cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
+            if finished:
                 break
     pbar.close()
+
+    # -- summary: the last evaluation, dataset by dataset
     if not is_main:
         return
-    print(f"done in {time.time() - t0:.1f}s, {record['step']} steps; checkpoint {ckpt_path}")
+    log.done(ckpt_path)
     for key, value in record.items():
         if key.startswith("accuracy/"):
             print(f"{key.split('/')[1]} validation accuracy (greedy exact match): {value:.4f}")
@@ -229,3 +235,4 @@ def main():
 
 if __name__ == "__main__":
     run(main, globals())
+    finish_distributed()  # reached only when the run succeeded

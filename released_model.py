@@ -30,8 +30,10 @@ import subprocess
 import sys
 import time
 
-from common import UserError, apply_overrides, load_checkpoint_dict, read_jsonl, run, write_json, atomic_write_text
-from evaluate import at_target
+from checkpoint import load_checkpoint_dict
+from config import apply_overrides, run, UserError
+from files import atomic_write_text, read_jsonl, write_json
+from evaluate import at_target, time_split
 
 profile = "cpu"
 out_root = "out/released"
@@ -110,8 +112,8 @@ def main():
     for seed, (name, count) in enumerate(corpora.items(), start=1):
         path = os.path.join(out_root, f"{name}.pt")
         if not os.path.exists(path):
-            launch("sample_replay.py", {"init_from": ckpt, "prompts": "bos", "num_samples": count, "length": block_size,
-                                        "batch_size": sample_batch_size, "seed": seed, "device": device,
+            launch("sample_replay.py", {"init_from": ckpt, "prompts": "bos", "num_samples": count,
+                                        "length": block_size, "batch_size": sample_batch_size, "seed": seed, "device": device,
                                         "compile": compile, "out": path, "resume": True}, f"sample_{name}")
 
     # finetuning: standard first, as it sets the Spanish target
@@ -143,7 +145,8 @@ def main():
     # comparison at exactly the target from the runs' own logs
     checkpoints = ",".join(f"{m}={out_root}/{m}/ckpt.pt" for m in METHODS)
     launch("evaluate.py", {"checkpoints": checkpoints, "reference": ckpt, "block_size": block_size,
-                           "datasets": f"{en},{es},corpus:{out_root}/heldout_self.pt", "eval_sequences": eval_sequences,
+                           "datasets": f"{en},{es},corpus:{out_root}/heldout_self.pt",
+                           "eval_sequences": eval_sequences,
                            "out_json": f"{out_root}/evaluate.json", "out_md": f"{out_root}/evaluate.md",
                            "device": device}, "evaluate")
     logs = {m: read_jsonl(os.path.join(out_root, m, "log.jsonl")) for m in METHODS}
@@ -166,11 +169,11 @@ def main():
                                                     "standard_steps", "max_steps", "eval_interval", "eval_sequences",
                                                     "dtype")}
     total = sum(timings.values())   # plot.py's few seconds come after
-    runs = [logs[m][-1] for m in METHODS]
-    sampled = sum(r.get("replay_sample_seconds", 0.0) for r in runs)
-    split = {"sampling": timings.get("sample_replay", 0.0) + timings.get("sample_heldout_self", 0.0) + sampled,
-             "training": sum(r["train_seconds"] for r in runs),
-             "evaluation": sum(r["eval_seconds"] for r in runs) + timings["evaluate"]}
+    # the runs' logs give their training, evaluation and mid-run sampling; the corpora's sampling and
+    # the final evaluation are whole stages, timed as they ran
+    split = time_split([os.path.join(out_root, m) for m in METHODS])
+    split["sampling"] += timings.get("sample_replay", 0.0) + timings.get("sample_heldout_self", 0.0)
+    split["evaluation"] += timings["evaluate"]
     split["other"] = total - sum(split.values())   # conversion, tokenizing, loading, process start-up
     result["seconds"] = {"stages": {k: round(v, 1) for k, v in timings.items()}, "total": round(total, 1),
                          "split": {k: round(v, 1) for k, v in split.items()}}
@@ -178,17 +181,19 @@ def main():
 
     lines = [f"Spanish target {target:.3f} (reference: English {reference['val_loss/en']:.3f}, "
              f"Spanish {reference['val_loss/es']:.3f})", "",
-             "| method | English loss | forgetting | English KL | self-generated KL | Spanish loss | steps | seconds | read "
+             "| method | English loss | forgetting | English KL | self-generated KL | Spanish loss | "
+             "steps | seconds | read "
              "| replay passes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in result["methods"].items():
-        lines.append(f"| {m} | {r['en_loss']:.3f} | {r['en_forgetting']:+.3f} | {r['en_kl']:.4f} | {r['self_kl']:.4f} | "
+        lines.append(f"| {m} | {r['en_loss']:.3f} | {r['en_forgetting']:+.3f} | {r['en_kl']:.4f} | "
+                     f"{r['self_kl']:.4f} | "
                      f"{r['es_loss']:.3f} | {r['steps']:g} | {r['seconds']:.0f} | {r['read']} | "
                      f"{'' if r['replay_passes'] is None else r['replay_passes']} |")
     atomic_write_text("results/released_model.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     runs = ",".join(f"{m}={out_root}/{m}/log.jsonl" for m in METHODS)
-    launch("plot.py", {"figure": "frontier", "runs": runs, "old": "en", "new": "es", "right": "val_kl/heldout_self",
-                       "out": "results/released_model.png"}, "plot")
+    launch("plot.py", {"figure": "frontier", "runs": runs, "old": "en", "new": "es",
+                       "right": "val_kl/heldout_self", "out": "results/released_model.png"}, "plot")
     print(f"wrote results/released_model.json, .md and .png; kl_self forgets "
           f"{result['kl_self_forgetting_vs_standard']:.0%} of what standard finetuning forgets")
 

@@ -18,8 +18,11 @@ import time
 
 import torch
 
-from common import (Lock, UserError, atomic_torch_save, fingerprint, known_tokenizers, load_checkpoint, pick_device,
-                    progress_bar, remove_stale_temporaries, run, set_seed)
+from checkpoint import load_checkpoint
+from config import pick_device, run, set_seed, UserError
+from dataset import known_tokenizers
+from files import atomic_torch_save, fingerprint, Lock, remove_stale_temporaries
+from progress import progress_bar
 
 init_from = "out/pretrain_add/ckpt.pt"
 out = "out/replay_add.pt"
@@ -50,14 +53,16 @@ def parse_prompts(spec, data_meta, vocab_size, bos=None):
         if name.isdigit():
             token = int(name)
             if token >= vocab_size:
-                raise UserError(f"--prompts: token id {token} is outside the model's vocabulary (0..{vocab_size - 1})")
+                raise UserError(f"--prompts: token id {token} is outside the model's vocabulary "
+                                f"(0..{vocab_size - 1})")
         elif name == "bos" and bos is not None:
             token = bos
         elif name in data_meta:
             token = data_meta[name]["dataset_token"]
         else:
             known = ", ".join(sorted(data_meta)) or "none"
-            raise UserError(f"prompt {name!r} is neither a token id nor a dataset this checkpoint was trained on "
+            raise UserError(f"prompt {name!r} is neither a token id nor a dataset this "
+                            "checkpoint was trained on "
                             f"(known: {known})")
         parsed.append((name, token, share))
     if not parsed:
@@ -72,8 +77,8 @@ def prompt_column(prompts):
     return torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in prompts])
 
 
-def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device, partial_path=None,
-                  progress=True, partial_source=None):
+def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device,
+                  partial_path=None, progress=True, partial_source=None):
     """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
     seed. With partial_path, progress is saved after every batch (tokens so far + the generator's
     state), and an existing partial file is continued: a killed run loses at most one batch and
@@ -82,8 +87,9 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     # everything that decides the samples: a resume with other settings would mix two corpora
-    settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size, "seed": seed,
-                "model_sha256": fingerprint(partial_source)["sha256"] if partial_source else None}
+    model_sha256 = fingerprint(partial_source)["sha256"] if partial_source else None
+    settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size,
+                "seed": seed, "model_sha256": model_sha256}
     if partial_path and os.path.exists(partial_path):
         try:
             partial = torch.load(partial_path, weights_only=True)
@@ -91,10 +97,10 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         except Exception:
             raise UserError(f"{partial_path} is damaged: delete it and sample again") from None
         if not same:
-            what = ("another model" if partial.get("settings", {}).get("model_sha256") != settings["model_sha256"]
-                    else "other settings")
-            raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, or drop --resume to "
-                            f"start over")
+            other_model = partial.get("settings", {}).get("model_sha256") != settings["model_sha256"]
+            what = "another model" if other_model else "other settings"
+            raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, "
+                            f"or drop --resume to start over")
         out = [partial["tokens"]]
         generator.set_state(partial["generator"])
         print(f"resuming sampling after {len(partial['tokens']):,} sequences")
@@ -104,8 +110,8 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
                                   generator=generator, compile_step=compile).cpu())
         if partial_path:
-            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(), "settings": settings,
-                               "prompts": prompt_tokens}, partial_path)
+            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(),
+                               "settings": settings, "prompts": prompt_tokens}, partial_path)
     return torch.cat(out)
 
 
@@ -122,7 +128,8 @@ def main():
     parsed = parse_prompts(prompts, data_meta, model.config.vocab_size, ckpt.get("tokenizer", {}).get("bos"))
     T = length or model.config.block_size
     if T > model.config.block_size or T < 2:
-        raise UserError(f"--length={T} must be between 2 and the model's block_size {model.config.block_size}")
+        raise UserError(f"--length={T} must be between 2 and the model's block_size "
+                        f"{model.config.block_size}")
     if num_samples <= 0 or batch_size <= 0:
         raise UserError("--num_samples and --batch_size must be positive")
     if temperature <= 0:
@@ -175,8 +182,10 @@ def main():
         stats = {}
         for name, tok, _ in parsed:
             rows = (tokens[:, 0] == tok).numpy()
-            stats[name] = {"well_formed": float(well_formed[rows].mean()), "correct": float(correct[rows].mean())}
-            print(f"  {name}: {stats[name]['well_formed']:.1%} well-formed, {stats[name]['correct']:.1%} correct")
+            stats[name] = {"well_formed": float(well_formed[rows].mean()),
+                           "correct": float(correct[rows].mean())}
+            print(f"  {name}: {stats[name]['well_formed']:.1%} well-formed, "
+                  f"{stats[name]['correct']:.1%} correct")
         meta["stats"] = stats
     atomic_torch_save({"tokens": tokens.to(torch.int32), "meta": meta}, out)
     os.remove(partial_path)

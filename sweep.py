@@ -15,14 +15,15 @@ Each run lives in its own folder under out/sweeps/, named by its settings, so st
 runs they have in common (the base model is pretrained once). A finished run is skipped and an
 interrupted one resumes (--resume=True), so a study can be stopped at any point and started again,
 in a later session too. Folder names hold only what the studies vary: after changing any other
-constant (block_size, finetune_lr, ...) give a fresh --out_root, or old runs will be reused. Each study writes results/sweep_<study>.json (the numbers, and the seconds
-its runs took) and results/sweep_<study>.png (via plot.py).
+constant (block_size, finetune_lr, ...) give a fresh --out_root, or old runs will be reused. Each
+study writes results/sweep_<study>.json (the numbers, and the seconds its runs took) and
+results/sweep_<study>.png (via plot.py).
 
 The protocol, shared by every study: pretrain on English (cosine LR to the end of a token budget),
 sample a replay corpus from the model itself (prompted by the English dataset token), then finetune
 on Spanish until the Spanish validation loss reaches a target, capped at a maximum number of steps.
-The target is the Spanish loss that a reference run (plain finetuning of the study's reference
-model for a fixed number of steps) reaches, so every run is compared at the same new-data loss.
+The target is the Spanish loss that a target run (plain finetuning of the study's base model for
+a fixed number of steps) reaches, so every run is compared at the same new-data loss.
 Forgetting = English validation loss at that point minus English loss before finetuning.
 
 Needs the 512-token data: python data/bible/prepare.py --vocab_size=512 --out=bible512
@@ -35,13 +36,18 @@ import subprocess
 import sys
 import time
 
-from common import UserError, apply_overrides, atomic_write_text, load_checkpoint_dict, load_corpus, read_jsonl, run
+from checkpoint import load_checkpoint_dict
+from config import apply_overrides, run, UserError
+from dataset import load_corpus
+from files import atomic_write_text, read_jsonl
 from evaluate import at_target
+from model import paper_parameter_count
 
 study = "all"                   # size, tpp, mixture, lr, compute or all
 out_root = "out/sweeps"
 results_dir = "results"
-profile = "cpu"                 # "cpu" (CPU-mini, minutes on 2 cores) or "gpu" (larger, for one GPU; untested)
+profile = "cpu"                 # "cpu" (CPU-mini, minutes on 2 cores) or "gpu"
+                                # (larger, for one GPU; untested)
 
 # CPU-mini profile: depth 2, heads of 16, 64-token windows, batches of 32 sequences.
 data_name = "bible512"
@@ -49,12 +55,12 @@ depth = 2
 head_dim = 16
 block_size = 64
 batch_size = 32
-base_width = 32                 # the reference model of every study
+base_width = 32                 # the base model of every study
 base_tpp = 500.0                # its pretraining length: far past Chinchilla's 20 tokens/param
 pretrain_lr = 3e-3
 finetune_lr = 1e-3
-reference_steps = 300           # plain finetuning steps that set a study's Spanish target
-cap_factor = 4                  # other runs may take up to cap_factor x reference_steps to reach it
+target_steps = 300           # plain finetuning steps that set a study's Spanish target
+cap_factor = 4                  # other runs may take up to cap_factor x target_steps to reach it
 eval_sequences = 256
 corpus_steps = 100              # each replay corpus holds this many steps' worth; runs sample more as they go
 widths = "32,48,64,96"          # size study
@@ -68,8 +74,9 @@ lr_tpp = 100.0                  # ... pretraining length (shorter than base_tpp:
 seeds = "1,2,3"                 # ... and seeds (lr study: pretraining and finetuning; compute: finetuning)
 high_lr = 3e-3                  # compute study: the fast learning rate...
 low_lrs = "1e-3,3e-4,1e-4"      # ... the slower ones that forget less...
-replay_fractions = "0.03125,0.0625,0.125,0.25,0.5"  # ... and the share of each batch given to replay at high_lr
-compute_reference_steps = 100   # plain steps at high_lr that set the compute study's target
+replay_fractions = "0.03125,0.0625,0.125,0.25,0.5"  # ... and the share of each batch given
+                                                    # to replay at high_lr
+compute_target_steps = 100   # plain steps at high_lr that set the compute study's target
 compute_cap_steps = 4000        # enough for the lowest learning rate to get there
 toy_orders = "reversal sort add modadd;add reversal sort modadd;sort modadd reversal add"  # toy_orders study:
 toy_seeds = "1,2"               # every order x seed is one run of toy_continual.sh (its default settings)
@@ -133,7 +140,7 @@ def train(script, out_dir, **args):
 def paper_params(width):
     """12 L D^2 + D V: the parameter count tokens-per-parameter is measured against (as pretrain.py)."""
     vocab = json.load(open(os.path.join("data", EN, "meta.json")))["vocab_size"]
-    return 12 * depth * width ** 2 + width * vocab
+    return paper_parameter_count(depth, width, vocab)
 
 
 def model_args(width):
@@ -154,8 +161,8 @@ def pretrain(width=None, tpp=None, es_share=0.0, lr=None, target_loss=0.0, seed=
     else:
         mix = {"datasets": f"{EN},{ES}", "mixture": f"{1 - es_share:g},{es_share:g}"}
     steps = math.ceil(tpp * paper_params(width) / (batch_size * block_size))
-    return train("pretrain.py", f"{out_root}/pretrain/{name}", **mix, **model_args(width), batch_size=batch_size,
-                 tokens_per_param=tpp, max_steps=0, learning_rate=lr, schedule="cosine",
+    return train("pretrain.py", f"{out_root}/pretrain/{name}", **mix, **model_args(width),
+                 batch_size=batch_size, tokens_per_param=tpp, max_steps=0, learning_rate=lr, schedule="cosine",
                  warmup_steps=min(100, steps // 10), target_val_loss=target_loss,
                  eval_interval=50 if target_loss else max(50, steps // 20), eval_sequences=eval_sequences,
                  **seed_arg)
@@ -179,7 +186,7 @@ def finetune(model_dir, name, target=0.0, max_steps=None, lr=None, coeff=0.0, re
     replay_fraction f splits each batch of batch_size sequences into (1 - f) Spanish and f replay,
     and weighs the KL by the ratio of the two, so the loss is the mean over all sequences.
     replace_fraction f instead replaces f of each batch by real English rows (the study's variant)."""
-    max_steps = max_steps or cap_factor * reference_steps
+    max_steps = max_steps or cap_factor * target_steps
     args = {"init_from": f"{model_dir}/ckpt.pt", "dataset": ES, "learning_rate": lr or finetune_lr,
             "batch_size": batch_size, "max_steps": max_steps, "target_val_loss": target,
             "eval_interval": eval_interval, "eval_sequences": eval_sequences, **({"seed": seed} if seed else {})}
@@ -220,8 +227,8 @@ def outcome(run_dir, target):
 
 def spanish_target(model_dir, steps=None, lr=None):
     """The Spanish loss plain finetuning of model_dir reaches in `steps` steps at `lr`."""
-    steps = steps or reference_steps
-    ref = finetune(model_dir, f"reference_lr{lr or finetune_lr:g}_{steps}", max_steps=steps, lr=lr)
+    steps = steps or target_steps
+    ref = finetune(model_dir, f"target_lr{lr or finetune_lr:g}_{steps}", max_steps=steps, lr=lr)
     return log(ref)[-1]["val_loss/es"]
 
 
@@ -286,10 +293,12 @@ def mixture_table(result):
         shares = {f["es_share"]: f for f in length["frontier"]}
         english, mixed = shares[0.0], shares.get(0.25)
         plain, kl = length["finetune"]["plain"][-1], length["finetune"]["kl_self"][-1]
-        rows.append([f"{label}, {length['tpp']:g} TPP", f"en {english['en_loss']:.3f}, es {english['es_loss']:.3f}",
+        rows.append([f"{label}, {length['tpp']:g} TPP", f"en {english['en_loss']:.3f}, es "
+                                                        f"{english['es_loss']:.3f}",
                      f"en {mixed['en_loss']:.3f}, es {mixed['es_loss']:.3f}" if mixed else "",
                      f"en {plain['en_loss']:.2f}, es {plain['es_loss']:.2f}",
-                     f"en {kl['en_loss']:.2f} ({kl['en_loss'] - english['en_loss']:+.2f}), es {kl['es_loss']:.2f}",
+                     f"en {kl['en_loss']:.2f} ({kl['en_loss'] - english['en_loss']:+.2f}), es "
+                     f"{kl['es_loss']:.2f}",
                      kl["step"], kl["replay_passes"]])
     return markdown(rows)
 
@@ -317,7 +326,8 @@ def compute_table(result):
         cells = []
         for variant in ("self", "replace"):
             s = next(x for x in result["summary"] if x["low_lr"] == low_lr and x["variant"] == variant)
-            cells.append(f"{'>= ' if s['at_least'] else ''}{s['median']:.3g}x ({s['min']:.3g}..{s['max']:.3g})"
+            cells.append(f"{'>= ' if s['at_least'] else ''}{s['median']:.3g}x "
+                         f"({s['min']:.3g}..{s['max']:.3g})"
                          if s["median"] else "not matched")
         ratios.append([lr_text(low_lr), f"{min(ends):.2f}-{max(ends):.2f}", *cells])
     return (f"Seed {first['seed']}, every arm at the Spanish target:\n\n" + markdown(arms) +
@@ -368,7 +378,7 @@ def mixture_study():
         english = mixtures[0.0]
         trajectories = {}
         for name, c in (("plain", 0.0), ("kl_self", 1.0)):
-            ft = finetune(english, f"trajectory_kl{c:g}", coeff=c, max_steps=cap_factor * reference_steps)
+            ft = finetune(english, f"trajectory_kl{c:g}", coeff=c, max_steps=cap_factor * target_steps)
             trajectories[name] = [{"step": r["step"], "en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"],
                                    "replay_passes": r["replay_passes"]} for r in log(ft)]
         result["lengths"][label] = {"tpp": tpp, "frontier": frontier, "finetune": trajectories}
@@ -379,14 +389,15 @@ def lr_study():
     """Every pretraining LR x seed: a model pretrained for lr_tpp tokens per parameter, finetuned to
     one Spanish target (set by the pretrain_lr model of the first seed) at every finetuning LR,
     with and without KL replay."""
-    models = {(lr, seed): pretrain(tpp=lr_tpp, lr=lr, seed=seed) for lr in floats(pretrain_lrs) for seed in ints(seeds)}
+    models = {(lr, seed): pretrain(tpp=lr_tpp, lr=lr, seed=seed)
+              for lr in floats(pretrain_lrs) for seed in ints(seeds)}
     target = spanish_target(models[(pretrain_lr, ints(seeds)[0])])
     rows = []
     for (plr, seed), model_dir in sorted(models.items()):
         for flr in floats(finetune_lrs):
             for c in (0.0, 1.0):
                 # a lower finetuning LR needs proportionally more steps to reach the target
-                cap = math.ceil(cap_factor * reference_steps * max(1.0, finetune_lr / flr))
+                cap = math.ceil(cap_factor * target_steps * max(1.0, finetune_lr / flr))
                 ft = finetune(model_dir, f"lr{flr:g}_kl{c:g}_to{target:.4f}", target=target, lr=flr, coeff=c,
                               max_steps=cap)
                 rows.append({"pretrain_lr": plr, "seed": seed, "finetune_lr": flr, "kl_coeff": c,
@@ -412,9 +423,10 @@ def compute_study():
     """Lower learning rates against the high one plus replay, every arm finetuned to one Spanish
     target; per finetuning seed, how much less time replay needs for the same English loss."""
     base = pretrain()
-    target = spanish_target(base, steps=compute_reference_steps, lr=high_lr)
-    replay_cap = 10 * compute_reference_steps  # replay arms at high_lr get there in a few hundred steps
-    corpus_size = corpus_steps * round(max(floats(replay_fractions)) * batch_size)  # one corpus for every fraction
+    target = spanish_target(base, steps=compute_target_steps, lr=high_lr)
+    replay_cap = 10 * compute_target_steps  # replay arms at high_lr get there in a few hundred steps
+    # one corpus for every fraction
+    corpus_size = corpus_steps * round(max(floats(replay_fractions)) * batch_size)
     corpus = replay_corpus(base, corpus_size)
     _, corpus_meta = load_corpus(corpus)
     sample_seconds_per_sequence = corpus_meta["seconds"] / corpus_meta["count"]
@@ -442,8 +454,9 @@ def compute_study():
             arms.append({"arm": f"lr {high_lr:g} + real rows {f:g}", "variant": "replace", "learning_rate": high_lr,
                          "replay_fraction": f, **outcome(ft, target), "curve": curve(ft)})
         per_seed.append({"seed": seed, "arms": arms, "matches": match_old_loss(arms)})
-    save("compute", {"study": "compute", "spanish_target": target, "sample_seconds_per_sequence":
-                     sample_seconds_per_sequence, "seeds": per_seed, "summary": compute_summary(per_seed)}, compute_table)
+    save("compute", {"study": "compute", "spanish_target": target,
+                     "sample_seconds_per_sequence": sample_seconds_per_sequence, "seeds": per_seed,
+                     "summary": compute_summary(per_seed)}, compute_table)
 
 
 def curve(run_dir):
@@ -512,7 +525,8 @@ def toy_orders_study():
                          "seconds": result["seconds"]})
     bars = {"replay_min": 0.98, "no_replay_earlier_mean": 0.40}
     for r in rows:
-        r["meets_bars"] = r["replay_min"] >= bars["replay_min"] and r["no_replay_earlier_mean"] <= bars["no_replay_earlier_mean"]
+        r["meets_bars"] = (r["replay_min"] >= bars["replay_min"]
+                           and r["no_replay_earlier_mean"] <= bars["no_replay_earlier_mean"])
     write_results("toy_continual_orders", {"study": "toy_orders", "bars": bars, "trials": rows,
                                            "all_meet_bars": all(r["meets_bars"] for r in rows)}, toy_orders_table)
 
@@ -537,7 +551,8 @@ def main():
         apply_overrides(globals(), sys.argv[1:])
     EN, ES = f"{data_name}/en", f"{data_name}/es"
     if study != "toy_orders" and not os.path.exists(os.path.join("data", EN, "meta.json")):
-        raise UserError(f"data/{EN} not found: run python data/bible/prepare.py --vocab_size=512 --out={data_name}")
+        raise UserError(f"data/{EN} not found: run python data/bible/prepare.py "
+                        f"--vocab_size=512 --out={data_name}")
     if study != "all" and study not in STUDIES:
         raise UserError(f"--study={study!r} must be one of {', '.join(STUDIES)} or all")
     timings_path = os.path.join(out_root, "timings.json")

@@ -34,7 +34,7 @@ from collections import Counter
 import numpy as np
 import tiktoken
 
-from common import atomic_write_text
+from files import atomic_path, atomic_write_text
 
 # tiktoken's pattern (Rust regex, Unicode classes) and the nearest Python `re` equivalent used
 # when counting chunks for training; the two agree on ordinary letters, digits and punctuation.
@@ -175,11 +175,13 @@ def released_tokenizer(path, name, tokens, special_ids, merges, pattern, bos, eo
         try:
             encoded.append(base64.b64encode(bytes(to_byte[c] for c in text)).decode("ascii"))
         except KeyError:
-            raise ValueError(f"token {i} ({text!r}) is not in the byte-level alphabet: not a GPT-2-style BPE") from None
+            raise ValueError(f"token {i} ({text!r}) is not in the byte-level alphabet: "
+                             "not a GPT-2-style BPE") from None
     ids = {t: i for i, t in enumerate(tokens)}
     merged_ids = [ids.get(left + right) for left, right in (m.split(" ", 1) for m in merges)]
     if None in merged_ids or any(a >= b for a, b in zip(merged_ids, merged_ids[1:])):
-        raise ValueError("the ids of merged tokens do not follow the merge order: tiktoken cannot serve it exactly")
+        raise ValueError("the ids of merged tokens do not follow the merge order: tiktoken "
+                         "cannot serve it exactly")
     if len({base64.b64decode(t) for t in encoded if t is not None}) != sum(t is not None for t in encoded):
         raise ValueError("two tokens have the same bytes")
     data = {"name": name, "pattern": pattern, "special_tokens": special, "tokens": encoded,
@@ -222,8 +224,8 @@ def build_text_datasets(out_root, splits, vocab_size, source, tokenizer_path="")
                 "row_len": None, "token_dtype": token_dtype}
         for split, text in texts.items():
             ids = np.array(encoding.encode_ordinary(normalize(text)), dtype=token_dtype)
-            ids.tofile(os.path.join(out_dir, f"{split}.bin.tmp{os.getpid()}"))
-            os.replace(os.path.join(out_dir, f"{split}.bin.tmp{os.getpid()}"), os.path.join(out_dir, f"{split}.bin"))
+            with atomic_path(os.path.join(out_dir, f"{split}.bin")) as tmp:
+                ids.tofile(tmp)
             meta[f"n_{split}_tokens"] = int(len(ids))
         atomic_write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2))
         print(f"{lang}: {meta['n_train_tokens']:,} train tokens, {meta['n_val_tokens']:,} val tokens")

@@ -6,7 +6,7 @@
 #   no_replay  plain finetuning on each new task;
 #   replay     before each new task, sample a replay corpus from the current model, prompted with
 #              the BOS tokens of all earlier tasks in equal shares, then finetune on the new task
-#              with KL(teacher || student) on those self-generated sequences, never one twice
+#              with KL(reference || model) on those self-generated sequences, never one twice
 #              (finetune.py samples more from the same model when the corpus runs out), as the study.
 # Results: $RESULTS.{json,md,png} (default results/toy_continual). Bulky artifacts: $OUT (out/toy).
 #
@@ -49,7 +49,7 @@ fi
 # steps and it ends; 0 = never); STEPS: the most steps on each later task, a fresh AdamW for each;
 # TARGET_ACCURACY: a later task counts as learned at this exact-match accuracy, after which the LR
 # falls linearly to 0 over COOLDOWN steps and the task ends;
-# REPLAY: kl = KL(teacher || student) or ntp = next-token loss, x COEFF, on REPLAY_BATCH sequences/step
+# REPLAY: kl = KL(reference || model) or ntp = next-token loss, x COEFF, on REPLAY_BATCH sequences/step
 # (by default as many as BATCH: the study's balance);
 # the corpus sampled before each task holds 32 steps' worth; finetune.py samples more from the same
 # frozen model whenever it runs out, so no replay sequence is ever used twice

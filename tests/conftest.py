@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import common
+from files import release_locks
 from data.arithmetic import prepare
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -24,7 +24,7 @@ def run_script(name, **overrides):
     try:
         module.main()
     finally:
-        common.release_locks()  # as the script's process would at its exit
+        release_locks()  # as the script's process would at its exit
     return module
 
 

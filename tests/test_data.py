@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import Dataset, UserError, ntp_loss, sample_mixture
+from config import UserError
+from dataset import Dataset, sample_mixture
+from objective import ntp_loss
 from data.arithmetic import prepare
 
 
@@ -43,7 +45,8 @@ def test_row_layout_and_vocabulary_are_as_in_the_paper():
     L = prepare.layout(3)
     assert L["row_len"] == 14
     assert prepare.VOCAB_SIZE == 19  # pad, 4 BOS, sep, '=', null, eos, 10 digits
-    assert prepare.decode_row(prepare.make_rows("add", np.array([959]), np.array([542]), 3, 1000)[0]) == "<add>959|542=1501$"
+    row = prepare.make_rows("add", np.array([959]), np.array([542]), 3, 1000)[0]
+    assert prepare.decode_row(row) == "<add>959|542=1501$"
     assert prepare.decode_row(prepare.make_rows("sort", np.array([373]), None, 3, 1000)[0]) == "<sort>373|...=0337$"
 
 

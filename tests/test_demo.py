@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 
-import common
+from files import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +24,6 @@ def test_the_toy_demo_runs_end_to_end_and_writes_its_results(tmp_path):
     # each replay run read a corpus kept outside its own folder, and never saw a sequence twice
     for task in tasks[1:]:
         assert (tmp_path / "toy" / "replay_corpora" / f"{task}.pt").exists()
-        log = common.read_jsonl(tmp_path / "toy" / "replay" / task / "log.jsonl")
+        log = read_jsonl(tmp_path / "toy" / "replay" / task / "log.jsonl")
         assert log[-1]["replay_passes"] == 1
-        assert common.read_jsonl(tmp_path / "toy" / "no_replay" / task / "log.jsonl")[-1]["replay_passes"] == 0
+        assert read_jsonl(tmp_path / "toy" / "no_replay" / task / "log.jsonl")[-1]["replay_passes"] == 0

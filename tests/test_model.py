@@ -41,12 +41,18 @@ def test_model_is_causal():
         assert torch.allclose(model(x)[:, :7], model(y)[:, :7], atol=1e-6)
 
 
-def test_kv_cache_decoding_matches_full_forward():
+def model_tokens_and_full_logits():
+    """A tiny model, three rows of 16 tokens, and the logits of one full forward pass over them."""
     model = tiny()
     x = torch.randint(0, 23, (3, 16))
     with torch.no_grad():
-        full = model(x)
-        cache = KVCache(model.config, 3, "cpu", torch.float32)
+        return model, x, model(x)
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model, x, full = model_tokens_and_full_logits()
+    cache = KVCache(model.config, 3, "cpu", torch.float32)
+    with torch.no_grad():
         pieces = [model(x[:, :5], cache)]                      # a prompt chunk
         pieces += [model(x[:, t:t + 1], cache) for t in range(5, 12)]  # one token at a time
         pieces.append(model(x[:, 12:], cache))                 # a chunk on top of a cache
@@ -93,11 +99,9 @@ def test_parameter_count_reports_actual_and_paper_formula():
 
 
 def test_fixed_shape_decode_step_matches_full_forward_logits():
-    model = tiny()
-    x = torch.randint(0, 23, (3, 16))
+    model, x, full = model_tokens_and_full_logits()
+    cache = KVCache(model.config, 3, "cpu", torch.float32)
     with torch.no_grad():
-        full = model(x)
-        cache = KVCache(model.config, 3, "cpu", torch.float32)
         model(x[:, :4], cache)
         cache.fix_shapes()
         for t in range(4, 16):

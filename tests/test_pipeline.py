@@ -7,36 +7,18 @@ import time
 import pytest
 import torch
 
-import common
-from common import UserError, kl_loss, load_checkpoint, load_corpus
+import checkpoint
+from checkpoint import load_checkpoint
+from config import UserError, apply_overrides
+from dataset import Dataset, load_corpus
+from evaluate import evaluate_on
+from files import read_jsonl
+from training import lr_at
 from conftest import TINY_MODEL, run_script
 
 
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
-
-
-# --- KL(teacher || student) ---------------------------------------------------------------------
-
-def test_kl_is_zero_when_student_equals_teacher():
-    logits = torch.randn(3, 6, 11)
-    assert kl_loss(logits, logits.clone()).abs().item() < 1e-6
-    assert kl_loss(logits + 1.0, logits).abs().item() < 1e-6  # a constant shift is the same distribution
-
-
-def test_kl_value_and_gradient_match_a_float64_reference():
-    torch.manual_seed(0)
-    student = torch.randn(2, 5, 13, requires_grad=True)
-    teacher = torch.randn(2, 5, 13)
-    kl_loss(student, teacher).backward()
-
-    s64 = student.detach().double().requires_grad_(True)
-    p = torch.softmax(teacher.double()[:, :-1], -1)
-    reference = (p * (p.log() - torch.log_softmax(s64[:, :-1], -1))).sum(-1).mean()  # sum over vocab
-    reference.backward()
-    assert abs(kl_loss(student, teacher).item() - reference.item()) < 1e-6
-    assert torch.allclose(student.grad.double(), s64.grad, atol=1e-7)
-    assert student.grad[:, -1].abs().max() == 0  # last position masked, as in the NTP loss
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -105,13 +87,13 @@ def test_replay_sequences_are_never_reused_unless_asked_and_passes_are_logged(ti
     run_script("sample_replay", init_from=tiny_checkpoint, out=corpus, num_samples=40, prompts=toy_data["sort"],
                device="cpu")
     args = dict(init_from=tiny_checkpoint, dataset=toy_data["add"], replay="kl", replay_source=corpus, **FT)
-    # 6 steps x 16 = 96 > 40: the frozen teacher samples more whenever the corpus runs out
+    # 6 steps x 16 = 96 > 40: the frozen reference samples more whenever the corpus runs out
     run_script("finetune", out_dir=str(tmp_path / "fresh"), **args)
-    log = common.read_jsonl(tmp_path / "fresh" / "log.jsonl")
+    log = read_jsonl(tmp_path / "fresh" / "log.jsonl")
     assert [r["replay_passes"] for r in log] == [0, 1, 1] and log[-1]["replay_sample_seconds"] > 0
     # with reuse allowed the corpus is cycled instead, and the log says how often
     run_script("finetune", out_dir=str(tmp_path / "reused"), replay_reuse=True, **args)
-    assert common.read_jsonl(tmp_path / "reused" / "log.jsonl")[-1]["replay_passes"] == 3
+    assert read_jsonl(tmp_path / "reused" / "log.jsonl")[-1]["replay_passes"] == 3
     assert not torch.equal(weights(tmp_path / "fresh" / "ckpt.pt")["unembed.weight"],
                            weights(tmp_path / "reused" / "ckpt.pt")["unembed.weight"])
     # a corpus from another checkpoint cannot be topped up: too small is refused up front (the same
@@ -124,34 +106,34 @@ def test_replay_sequences_are_never_reused_unless_asked_and_passes_are_logged(ti
         run_script("finetune", out_dir=str(tmp_path / "short"), **{**args, "init_from": str(other)})
     assert not (tmp_path / "short").exists()
     run_script("finetune", out_dir=str(tmp_path / "plain"), **{**args, "replay": "none"})  # plain runs log 0
-    assert common.read_jsonl(tmp_path / "plain" / "log.jsonl")[-1]["replay_passes"] == 0
+    assert read_jsonl(tmp_path / "plain" / "log.jsonl")[-1]["replay_passes"] == 0
 
 
-def test_teacher_gets_no_gradient_and_never_changes(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
+def test_the_reference_gets_no_gradient_and_never_changes(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
     loaded = []
-    real_load = common.load_checkpoint
+    real_load = checkpoint.load_checkpoint
 
     def recording_load(path, device="cpu"):
         model, ckpt = real_load(path, device)
         loaded.append(model)
         return model, ckpt
 
-    monkeypatch.setattr(common, "load_checkpoint", recording_load)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", recording_load)
     original = weights(tiny_checkpoint)
     # reload finetune so it binds the recording loader, then run with KL replay and LwF
     module = run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"],
                         out_dir=str(tmp_path / "ft"), replay="kl", replay_source=f"data:{toy_data['sort']}",
                         lwf_coeff=1.0, **FT)
     assert module.load_checkpoint is recording_load
-    student, teacher = loaded
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    assert all(torch.equal(teacher.state_dict()[k], original[k]) for k in original)
-    assert not all(torch.equal(student.state_dict()[k], original[k]) for k in original)
+    model, reference = loaded
+    assert all(p.grad is None and not p.requires_grad for p in reference.parameters())
+    assert all(torch.equal(reference.state_dict()[k], original[k]) for k in original)
+    assert not all(torch.equal(model.state_dict()[k], original[k]) for k in original)
 
 
 def test_finetune_logs_old_and_new_data_from_step_zero(tiny_checkpoint, toy_data, tmp_path):
     run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"), **FT)
-    log = common.read_jsonl(tmp_path / "ft" / "log.jsonl")
+    log = read_jsonl(tmp_path / "ft" / "log.jsonl")
     assert [r["step"] for r in log] == [0, 3, 6]
     assert {"accuracy/add", "accuracy/sort", "accuracy/reversal", "val_loss/sort"} <= set(log[0])
     _, ckpt = load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"))
@@ -176,7 +158,7 @@ def test_accuracy_is_exact_match_of_greedy_decoding(toy_data):
     rows holding the model's own greedy answers are right; one changed answer token, the first or
     the last, makes a row wrong. (evaluate_on reads it off the loss's teacher-forced logits.)"""
     from model import GPT, GPTConfig
-    data = common.Dataset(toy_data["add"])
+    data = Dataset(toy_data["add"])
     start, end, V = data.meta["answer_start"], data.meta["answer_end"], data.meta["vocab_size"]
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=V, block_size=end, **TINY_MODEL)).eval()
@@ -184,7 +166,7 @@ def test_accuracy_is_exact_match_of_greedy_decoding(toy_data):
     rows = model.generate(prompts, end - start, temperature=0)   # its own greedy answers
     rows[4:8, start] = (rows[4:8, start] + 1) % V
     rows[8:12, end - 1] = (rows[8:12, end - 1] + 1) % V
-    numbers = common.evaluate_on(model, RowSet(rows, start, end), None, batch_size=5)
+    numbers = evaluate_on(model, RowSet(rows, start, end), None, batch_size=5)
     assert numbers["accuracy"] == 4 / 12 and set(numbers) == {"loss", "accuracy"}
 
 
@@ -193,7 +175,8 @@ def test_methods_are_compared_at_exactly_the_target_loss_by_interpolation(tmp_pa
     log = [{"step": 0, "val_loss/es": 9.0, "val_loss/en": 3.0}, {"step": 20, "val_loss/es": 5.0, "val_loss/en": 3.2},
            {"step": 40, "val_loss/es": 4.0, "val_loss/en": 3.6}]
     values, how = evaluate.at_target(log, "val_loss/es", 4.5)  # halfway between steps 20 and 40
-    assert how == "interpolated between steps 20 and 40" and values["step"] == 30 and values["val_loss/en"] == pytest.approx(3.4)
+    assert how == "interpolated between steps 20 and 40"
+    assert values["step"] == 30 and values["val_loss/en"] == pytest.approx(3.4)
     assert evaluate.at_target(log, "val_loss/es", 5.0) == (log[1], "exact")
     assert evaluate.at_target(log, "val_loss/es", 3.0) == (log[2], "not reached")
     for name, records in (("a", log), ("b", log[:2])):
@@ -213,12 +196,13 @@ def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_d
     run_script("evaluate", checkpoints=f"same={tiny_checkpoint},ft={tmp_path / 'ft' / 'ckpt.pt'}",
                reference=tiny_checkpoint, datasets=f"{toy_data['sort']},{toy_data['add']}", eval_sequences=32,
                out_json=out_json, out_md=str(tmp_path / "eval.md"), device="cpu")
-    report = common.json.load(open(out_json))
+    report = json.load(open(out_json))
     same, ft = report["metrics"]["same"], report["metrics"]["ft"]
     assert same["sort"]["kl_to_reference"] == pytest.approx(0, abs=1e-6)
     assert same["sort"]["forgetting_loss"] == pytest.approx(0, abs=1e-6)
     assert ft["sort"]["kl_to_reference"] > 0
-    assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - report["metrics"]["reference"]["sort"]["loss"])
+    reference = report["metrics"]["reference"]
+    assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - reference["sort"]["loss"])
     assert report["arms"]["ft"] == {"sort": ft["sort"]["accuracy"], "add": ft["add"]["accuracy"]}
     assert "| ft |" in open(tmp_path / "eval.md").read()
 
@@ -235,8 +219,8 @@ def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluati
     run_script("evaluate", checkpoints=f"ft={run_dir / 'ckpt.pt'}", reference=tiny_checkpoint,
                datasets=toy_data["add"], eval_sequences=32, out_json=out_json, device="cpu", started_at=started,
                time_runs=f"{run_dir},{corpus_path}")
-    report = common.json.load(open(out_json))
-    split, log = report["time_split"], common.read_jsonl(run_dir / "log.jsonl")[-1]
+    report = json.load(open(out_json))
+    split, log = report["time_split"], read_jsonl(run_dir / "log.jsonl")[-1]
     corpus = torch.load(corpus_path, weights_only=True)["meta"]["seconds"]
     assert split["training"] == pytest.approx(log["train_seconds"], abs=0.1) and log["train_seconds"] > 0
     assert split["sampling"] == pytest.approx(corpus + log["replay_sample_seconds"], abs=0.1)
@@ -244,7 +228,7 @@ def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluati
     assert split["evaluation"] >= log["eval_seconds"] - 0.05  # the runs' evaluations, and evaluate.py's own
     assert split["other"] >= 0  # the parts fit inside the whole (start-up, loading: the rest)
     # pretraining logs the time of its training steps too
-    pretrain_log = common.read_jsonl(os.path.join(os.path.dirname(tiny_checkpoint), "log.jsonl"))[-1]
+    pretrain_log = read_jsonl(os.path.join(os.path.dirname(tiny_checkpoint), "log.jsonl"))[-1]
     assert 0 < pretrain_log["train_seconds"] < pretrain_log["seconds"] and pretrain_log["eval_seconds"] > 0
 
 
@@ -252,12 +236,12 @@ def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluati
 
 def test_overrides_parse_literals_and_refuse_unknown_keys():
     config = {"lr": 1e-3, "steps": 10, "name": "x", "flag": False}
-    common.apply_overrides(config, ["--lr=3e-4", "--steps=20", "--name=out/run", "--flag=True"])
+    apply_overrides(config, ["--lr=3e-4", "--steps=20", "--name=out/run", "--flag=True"])
     assert config == {"lr": 3e-4, "steps": 20, "name": "out/run", "flag": True}
     with pytest.raises(UserError, match="unknown setting"):
-        common.apply_overrides(config, ["--nope=1"])
+        apply_overrides(config, ["--nope=1"])
     with pytest.raises(UserError, match="expects a int"):
-        common.apply_overrides(config, ["--steps=abc"])
+        apply_overrides(config, ["--steps=abc"])
 
 
 # --- LoRA baseline ------------------------------------------------------------------------------
@@ -306,16 +290,16 @@ def test_lora_with_embeddings_also_trains_the_embeddings_in_full(tiny_checkpoint
 
 def test_the_cooldown_falls_linearly_to_zero_from_where_the_schedule_was():
     cosine = dict(total_steps=100, peak_lr=1.0, warmup_steps=10, schedule="cosine")
-    at_40 = common.lr_at(40, **cosine)
-    cooled = [common.lr_at(step, **cosine, cooldown_from=40, cooldown_steps=4) for step in range(38, 44)]
-    assert cooled[:2] == [common.lr_at(38, **cosine), common.lr_at(39, **cosine)]  # untouched before it
+    at_40 = lr_at(40, **cosine)
+    cooled = [lr_at(step, **cosine, cooldown_from=40, cooldown_steps=4) for step in range(38, 44)]
+    assert cooled[:2] == [lr_at(38, **cosine), lr_at(39, **cosine)]  # untouched before it
     assert cooled[2:] == pytest.approx([at_40 * 4 / 5, at_40 * 3 / 5, at_40 * 2 / 5, at_40 * 1 / 5])
 
 
 def test_pretraining_that_reaches_its_target_cools_down_then_stops(toy_data, tmp_path):
     run_script("pretrain", datasets=toy_data["sort"], out_dir=str(tmp_path / "pre"), max_steps=20, eval_interval=3,
                eval_sequences=16, batch_size=16, device="cpu", target_val_loss=100.0, cooldown_steps=4, **TINY_MODEL)
-    assert [r["step"] for r in common.read_jsonl(tmp_path / "pre" / "log.jsonl")] == [0, 3, 6, 7]
+    assert [r["step"] for r in read_jsonl(tmp_path / "pre" / "log.jsonl")] == [0, 3, 6, 7]
     ckpt = torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["step"] == 7
 
@@ -323,6 +307,6 @@ def test_pretraining_that_reaches_its_target_cools_down_then_stops(toy_data, tmp
 def test_a_reached_target_starts_a_cooldown_and_the_run_stops_after_it(tiny_checkpoint, toy_data, tmp_path):
     run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"),
                **{**FT, "max_steps": 20}, target_val_loss=100.0, cooldown_steps=4)  # reached at the first evaluation
-    assert [r["step"] for r in common.read_jsonl(tmp_path / "ft" / "log.jsonl")] == [0, 3, 6, 7]
+    assert [r["step"] for r in read_jsonl(tmp_path / "ft" / "log.jsonl")] == [0, 3, 6, 7]
     ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["stop_reason"] == "target_val_loss" and ckpt["step"] == 7

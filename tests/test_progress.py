@@ -3,13 +3,13 @@ a carriage-return redraw per step."""
 import io
 import sys
 
-import common
+import progress
 
 
 def test_progress_in_a_file_is_a_few_plain_lines(monkeypatch):
     log = io.StringIO()  # not a terminal, like `python pretrain.py > run.log 2>&1`
     monkeypatch.setattr(sys, "stderr", log)
-    bar = common.progress_bar(range(2000), "pretrain")
+    bar = progress.progress_bar(range(2000), "pretrain")
     for step in bar:
         bar.set_postfix(loss=f"{1 / (step + 1):.4f}")  # the scripts update the bar every step
     bar.close()
@@ -24,8 +24,8 @@ def test_progress_lines_follow_the_interval(monkeypatch):
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)
     clock = iter(range(0, 10_000, 3))  # every write happens 3 s after the one before
-    monkeypatch.setattr(common.time, "time", lambda: next(clock))
-    bar = common.progress_bar(range(40), "finetune", seconds=10.0)
+    monkeypatch.setattr(progress.time, "time", lambda: next(clock))
+    bar = progress.progress_bar(range(40), "finetune", seconds=10.0)
     for _ in bar:
         bar.refresh()
     bar.close()

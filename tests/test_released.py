@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tokenizer as bpe
-from common import load_checkpoint
+from checkpoint import load_checkpoint
 from conftest import assert_two_processes_match_one, greedy_by_recomputing, run_script
 from model import GPT, GPTConfig, KVCache
 
@@ -179,7 +179,8 @@ def test_converted_checkpoint_is_plain_data_with_config_and_tokenizer(tiny_gguf)
         (4, 2, "swiglu", True, False, True)
     assert c["rope_theta"] == 50_000.0 and c["norm_eps"] == pytest.approx(1e-5)
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
-    assert ckpt["tokenizer"]["bos"] == 1 and ckpt["tokenizer"]["tokenizer"] == bpe.fingerprint(root / "model" / "tokenizer.json")
+    assert ckpt["tokenizer"]["bos"] == 1
+    assert ckpt["tokenizer"]["tokenizer"] == bpe.fingerprint(root / "model" / "tokenizer.json")
 
 
 def test_released_tokenizer_gives_hand_checked_ids(tiny_gguf):
@@ -410,7 +411,7 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
         (["evaluate.py", f"--checkpoints=a={converted}", f"--reference={converted}", f"--datasets={toy_data['add']}",
           "--device=cpu"], "tokenized by"),
         (["finetune.py", f"--init_from={converted}", f"--dataset={tiny_text / 'es'}", "--replay=kl",
-          f"--replay_source={toy_corpus}", "--block_size=16", "--device=cpu"], "comes from tokenizer"),
+          f"--replay_source={toy_corpus}", "--block_size=16", "--device=cpu"], "tokenized by"),
     ]
     for argv, message in cases:
         out = tmp_path / "out"

@@ -242,7 +242,7 @@ def test_torchrun_two_processes_match_one_process(tiny_checkpoint, toy_data, tmp
 
 
 def test_interrupted_sampling_resumes_to_the_same_corpus(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
-    from common import load_corpus
+    from dataset import load_corpus
     from model import GPT
     args = dict(init_from=tiny_checkpoint, prompts=f"{toy_data['sort']},{toy_data['reversal']}", num_samples=64,
                 batch_size=16, device="cpu")

@@ -31,7 +31,7 @@ def two_languages(tmp_path_factory):
 def test_compute_study_end_to_end_then_nothing_left_to_run(two_languages, tmp_path):
     tiny = [f"--data_name={two_languages}", f"--out_root={tmp_path / 'out'}", f"--results_dir={tmp_path}",
             "--depth=1", "--head_dim=8", "--base_width=16", "--block_size=32", "--batch_size=8", "--base_tpp=2.0",
-            "--eval_sequences=8", "--compute_reference_steps=5", "--compute_cap_steps=20", "--seeds=1",
+            "--eval_sequences=8", "--compute_target_steps=5", "--compute_cap_steps=20", "--seeds=1",
             "--low_lrs=1e-4", "--replay_fractions=0.5", "--study=compute"]
     first = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -43,7 +43,7 @@ def test_compute_study_end_to_end_then_nothing_left_to_run(two_languages, tmp_pa
     assert [a["arm"] for a in arms] == ["lr 0.003", "lr 0.0001", "lr 0.003 + self-generated 0.5",
                                         "lr 0.003 + real rows 0.5"]
     high = arms[0]
-    assert high["reached"] and high["steps"] <= 10   # the reference run reached the target within 5 steps
+    assert high["reached"] and high["steps"] <= 10   # the target run reached the target within 5 steps
     assert not arms[1]["reached"]                    # 20 steps at 1e-4 cannot get there
     assert arms[2]["replay_passes"] == 1 and arms[2]["sample_seconds"] > 0  # fresh replay, its sampling counted
     assert result["runs"] == {"total": 7, "timed": 7} and result["seconds"] > 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tokenizer as bpe
-from common import Dataset
+from dataset import Dataset
 from data.bible import prepare as bible
 from data.c4 import prepare as c4
 
@@ -53,7 +53,8 @@ def sword_modules(tmp_path):
     eng = root / "modules" / "texts" / "ztext" / "engWEBtest"
     spa = root / "modules" / "texts" / "ztext" / "spaRV1909test"
     write_ztext(str(eng), "ot", ENGLISH_OT)
-    write_ztext(str(eng), "nt", ['<chapter osisID="Matt.1" sID="Matt.1"/>Jesus <q who="Jesus">“Follow me.”</q>'])
+    write_ztext(str(eng), "nt", ['<chapter osisID="Matt.1" sID="Matt.1"/>Jesus <q '
+                                 'who="Jesus">“Follow me.”</q>'])
     write_ztext(str(spa), "ot", SPANISH_OT)
     write_ztext(str(spa), "nt", ['<chapter osisID="Matt.1" sID="Matt.1"/>Jesús: Sígueme.'])
     return str(root)

@@ -27,6 +27,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from files import atomic_path, atomic_write_text
+
 TASKS = ["add", "reversal", "sort", "modadd"]
 SPECIALS = ["pad"] + [f"bos_{t}" for t in TASKS] + ["sep", "eq", "null", "eos"]
 DIGIT0 = len(SPECIALS)  # token id of the digit 0
@@ -151,7 +154,8 @@ def score_rows(rows, digits=3, modulus=1000):
     for task in TASKS:
         mine = rows[:, 0] == TOKEN[f"bos_{task}"]
         ok = mine & is_digit[:, L["a"]].all(1) & is_digit[:, L["answer"]].all(1)
-        ok &= (rows[:, L["sep"]] == TOKEN["sep"]) & (rows[:, L["eq"]] == TOKEN["eq"]) & (rows[:, L["eos"]] == TOKEN["eos"])
+        for part in ("sep", "eq", "eos"):
+            ok &= rows[:, L[part]] == TOKEN[part]
         if task in ("add", "modadd"):
             ok &= is_digit[:, L["b"]].all(1)
         else:
@@ -165,18 +169,15 @@ def score_rows(rows, digits=3, modulus=1000):
 
 
 def write_tasks(out_root, digits=3, modulus=1000, n_train=200_000, n_val=2000, seed=1337):
-    """Write every task's splits and meta.json under out_root/<task>/ (atomically: temp + rename)."""
+    """Write every task's splits and meta.json under out_root/<task>/, each file atomically."""
     for task in TASKS:
         train, val = make_splits(task, digits, modulus, n_train, n_val, seed)
         out = os.path.join(out_root, task)
-        os.makedirs(out, exist_ok=True)
-        tmp = f".tmp{os.getpid()}"  # one per process: two demos preparing at once do not collide
         for split, rows in (("train", train), ("val", val)):
-            rows.tofile(os.path.join(out, f"{split}.bin{tmp}"))
-            os.replace(os.path.join(out, f"{split}.bin{tmp}"), os.path.join(out, f"{split}.bin"))
-        with open(os.path.join(out, f"meta.json{tmp}"), "w") as f:
-            json.dump(task_meta(task, digits, modulus, len(train), len(val)), f, indent=2)
-        os.replace(os.path.join(out, f"meta.json{tmp}"), os.path.join(out, "meta.json"))
+            with atomic_path(os.path.join(out, f"{split}.bin")) as tmp:
+                rows.tofile(tmp)
+        meta = task_meta(task, digits, modulus, len(train), len(val))
+        atomic_write_text(os.path.join(out, "meta.json"), json.dumps(meta, indent=2))
         print(f"{task:9s} train {len(train):7d} val {len(val):5d}  e.g. {decode_row(val[0])}")
 
 
@@ -185,7 +186,8 @@ def main(argv):
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings or not value.isdigit():
-            sys.exit(f"error: cannot parse {arg!r}: use --digits=3 --modulus=1000 --n_train=N --n_val=N --seed=N")
+            sys.exit(f"error: cannot parse {arg!r}: use --digits=3 --modulus=1000 "
+                     "--n_train=N --n_val=N --seed=N")
         settings[key] = int(value)
     write_tasks(os.path.dirname(os.path.abspath(__file__)), **settings)
 

@@ -132,7 +132,8 @@ def main(argv):
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings:
-            sys.exit(f"error: unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N --out=NAME --tokenizer=PATH")
+            sys.exit(f"error: unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N "
+                     "--out=NAME --tokenizer=PATH")
         settings[key] = value
     try:
         data_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import common
+import files
 import tokenizer as bpe
 
 BASE_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/"
@@ -26,7 +26,7 @@ SHARDS = {  # language -> shard file name pattern under BASE_URL
 
 
 def download(url, path):
-    return common.download(url, path, "C4 needs internet; offline, use data/bible/prepare.py")
+    return files.download(url, path, "C4 needs internet; offline, use data/bible/prepare.py")
 
 
 def read_documents(paths, max_bytes):
@@ -59,8 +59,8 @@ def prepare(out_root, shards=1, max_mb=8.0, vocab_size=4096):
     os.makedirs(raw_dir, exist_ok=True)
     splits = {}
     for lang, pattern in SHARDS.items():
-        paths = [download(BASE_URL + pattern.format(i=i), os.path.join(raw_dir, os.path.basename(pattern.format(i=i))))
-                 for i in range(shards)]
+        names = [pattern.format(i=i) for i in range(shards)]
+        paths = [download(BASE_URL + name, os.path.join(raw_dir, os.path.basename(name))) for name in names]
         docs = read_documents(paths, max_mb * 1e6)
         splits[lang] = split_documents(docs)
         print(f"{lang}: {len(docs):,} documents, {len(splits[lang]['train']) / 1e6:.2f} MB train")

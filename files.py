@@ -1,0 +1,240 @@
+"""
+Files a run reads and writes, handled so that nothing is lost: one run per output at a time
+(a lock), never over another run's files or its own inputs, every output written atomically
+(a temporary file renamed over the target: a crash leaves the old file or the new one, never
+half of one), and inputs fingerprinted by content so a resumed run can check them.
+"""
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+from config import UserError
+
+
+def _start_time(pid):
+    """A process' start time (Linux), so that a recycled process id is not taken for the lock holder."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Lock:
+    """An exclusive lock on an output (a run's folder, or a corpus file): a file created with O_EXCL
+    that names its process. A lock whose process is gone (killed with -9) is stale and taken over."""
+
+    def __init__(self, path, what):
+        self.path, self.what, self.held = path, what, False
+        check_writable(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is None:  # stale: its process is gone
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                    continue
+                raise UserError(f"{what} is in use by process {holder.get('pid')} on "
+                                f"{holder.get('host')}: wait for "
+                                "it to finish or choose another output; if no such run is "
+                                f"going, delete {path}")
+            except OSError as e:
+                raise UserError(f"cannot write to {what} ({e.strerror}): choose a "
+                                "writable output location") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            HELD_LOCKS.append(self)
+            return
+        raise UserError(f"could not lock {what}: delete {path} if no run is using it")
+
+    def holder(self):
+        """The process holding the lock, or None if the lock is stale."""
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # being written this instant, or torn by a crash long ago
+            return None if time.time() - os.path.getmtime(self.path) > 60 else {"pid": "?", "host": "?"}
+        if holder.get("host") != socket.gethostname():
+            return holder  # another machine's process: cannot tell, so respect it
+        pid = holder.get("pid")
+        if pid == os.getpid():
+            return None  # left by an earlier run in this same process (scripts run one at a time in it)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except (PermissionError, TypeError):
+            return holder
+        started = holder.get("started")
+        return None if started is not None and _start_time(pid) != started else holder
+
+    def release(self):
+        if self.held:
+            self.held = False
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+HELD_LOCKS = []
+
+
+@atexit.register
+def release_locks():
+    """Give back every lock this process holds: at exit, or after a script's main() run in-process."""
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()
+
+
+def remove_stale_temporaries(path):
+    """Temporary files of atomic writes (<path>.tmp<pid>, or <path><suffix>.tmp<pid>) left by a killed
+    process. Called while holding the output's lock, so none of them can belong to a live writer."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        if entry.startswith(name) and ".tmp" in entry[len(name):]:
+            os.remove(os.path.join(folder, entry))
+
+
+def claim_out_dir(out_dir, resume, overwrite, inputs):
+    """Lock a run's output folder, after checking that the run may write there: never where one of
+    its inputs lives (inputs: paths of files the run reads), and a fresh run never over another run's
+    outputs unless --overwrite=True (which then removes them). Returns the lock."""
+    if not out_dir or out_dir == "None":
+        raise UserError("--out_dir is empty: name the folder the run writes to, e.g. --out_dir=out/run1")
+    here = os.path.abspath(out_dir)
+    for path in inputs:
+        if path and os.path.abspath(os.path.dirname(path)) == here:
+            raise UserError(f"--out_dir={out_dir} holds the input {path}, which this run "
+                            "would overwrite or mix "
+                            f"with: choose another --out_dir")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file: choose a folder")
+    lock = Lock(os.path.join(out_dir, ".lock"), f"--out_dir={out_dir}")
+    for name in ("ckpt.pt", "log.jsonl"):
+        remove_stale_temporaries(os.path.join(out_dir, name))
+    found = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if found and not resume:
+        if not overwrite:
+            lock.release()
+            raise UserError(f"{out_dir} already holds a run ({', '.join(found)}): continue it "
+                            "with --resume=True, "
+                            f"choose another --out_dir, or replace it with --overwrite=True")
+        for f in found:
+            os.remove(os.path.join(out_dir, f))
+    return lock
+
+
+def check_writable(path):
+    """Fail before the work, not after it, when an output cannot be written: try it (permission bits
+    say little when running as root, or on a read-only mount)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:
+        if not os.path.isdir(probe):
+            raise NotADirectoryError
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise UserError(f"cannot write {path}: {probe} is not a writable folder; choose "
+                        "another output path") from None
+
+
+def fingerprint(path):
+    """Size and SHA-256 of a file: what a resumed run checks its inputs against (content, not path,
+    so moving identical files elsewhere is fine)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def input_fingerprints(inputs):
+    """{role: [fingerprint of each file]} for the files a run reads (role: e.g. init_from, dataset)."""
+    return {role: [fingerprint(p) for p in paths] for role, paths in inputs.items()}
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=""):
+    """A temporary name next to `path` to write to (<path>.tmp<pid><suffix>: two processes never
+    share one), renamed over `path` when the block succeeds and removed when it fails. suffix:
+    for writers that pick the format by the file's ending (matplotlib's savefig)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def download(url, path, offline_hint, headers=None):
+    """Fetch url to path, atomically; a failure becomes one ConnectionError line ending in
+    offline_hint. An existing path is kept: downloads resume file by file."""
+    if os.path.exists(path):
+        return path
+    try:
+        request = urllib.request.Request(url, headers=headers or {})
+        with atomic_path(path) as tmp, open(tmp, "wb") as f, urllib.request.urlopen(request, timeout=30) as page:
+            while chunk := page.read(1 << 20):
+                f.write(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(f"could not download {url} "
+                              f"({getattr(e, 'reason', e)}): {offline_hint}") from None
+    return path
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path):
+    """The records of a log. A torn last line (a crash or a full disk mid-write) is dropped; a bad
+    line anywhere else means the file is not a log."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                print(f"warning: dropped the torn last line of {path}", file=sys.stderr)
+                break
+            raise UserError(f"{path} line {i + 1} is not JSON: it is not a log "
+                            "written by these scripts") from None
+    return records

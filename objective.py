@@ -1,0 +1,72 @@
+"""
+The study's objective: finetune on new data without forgetting the old.
+
+theta is the model being finetuned; pi is the reference: the same model frozen as it was before
+finetuning.
+Every step fits the new data and keeps theta's next-token distribution close to pi's on sequences
+of the *old* distribution (the replay batch):
+
+    loss = NTP(theta; new batch) + replay_coeff * KL(pi || theta; replay batch)
+
+The replay batch comes from a corpus pi sampled itself (sample_replay.py: prompted with the old
+dataset's BOS token, temperature 1, no top-k, never a sequence twice) or from real old data. Two
+variants the study compares: NTP instead of KL on the replay batch (fits the sampled tokens only,
+not pi's whole distribution), and LwF (the same KL, but on the *new* batch).
+
+Conventions: logits (B, T, V) for tokens (B, T); position t predicts token t+1, so the last position
+has no target and is left out of both terms. log-softmax always runs in float32, whatever autocast.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def ntp_loss(logits, tokens):
+    """Next-token prediction: mean cross-entropy of token t+1 under the logits at position t."""
+    V = logits.size(-1)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1))
+
+
+def kl_loss(logits, reference_logits):
+    """KL(pi || theta) = sum_v pi(v) (log pi(v) - log theta(v)): summed over the vocabulary, averaged
+    over positions. pi is the frozen reference (reference_logits), theta the model being trained
+    (logits); the direction matters: it asks theta to cover everything pi would say.
+    (F.kl_div with reduction='mean' would also divide by V: wrong.)"""
+    log_theta = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    log_pi = F.log_softmax(reference_logits[:, :-1].float(), dim=-1)
+    return (log_pi.exp() * (log_pi - log_theta)).sum(-1).mean()
+
+
+class Objective(nn.Module):
+    """One training step's loss, as a module so that DistributedDataParallel can wrap it whole
+    (it runs the model on the new and the replay batch before one backward):
+
+        NTP(new) + replay_coeff * [KL or NTP](replay) + lwf_coeff * KL(new)
+
+    replay: "kl", "ntp" or "none" (then x_replay is None). The reference is frozen: it runs under
+    no_grad and is never updated. Returns the total and its parts (for the log)."""
+
+    def __init__(self, model, reference, replay="kl", replay_coeff=1.0, lwf_coeff=0.0):
+        super().__init__()
+        self.model, self.reference = model, reference
+        self.replay, self.replay_coeff, self.lwf_coeff = replay, replay_coeff, lwf_coeff
+
+    def forward(self, x_new, x_replay=None):
+        logits_new = self.model(x_new)
+        loss_new = ntp_loss(logits_new, x_new)
+        total, parts = loss_new, {"loss_new": loss_new}
+        if x_replay is not None:
+            logits_replay = self.model(x_replay)
+            if self.replay == "kl":
+                with torch.no_grad():
+                    reference_logits = self.reference(x_replay)
+                parts["loss_replay"] = kl_loss(logits_replay, reference_logits)
+            else:
+                parts["loss_replay"] = ntp_loss(logits_replay, x_replay)
+            total = total + self.replay_coeff * parts["loss_replay"]
+        if self.lwf_coeff > 0:
+            with torch.no_grad():
+                reference_logits = self.reference(x_new)
+            parts["loss_lwf"] = kl_loss(logits_new, reference_logits)
+            total = total + self.lwf_coeff * parts["loss_lwf"]
+        return total, parts

@@ -1,0 +1,87 @@
+"""The study's objective (objective.py) against float64 computations written out by hand."""
+import torch
+from torch import nn
+
+from objective import Objective, kl_loss
+
+
+# --- KL(reference || model) ---------------------------------------------------------------------
+
+def test_kl_is_zero_when_the_model_equals_the_reference():
+    logits = torch.randn(3, 6, 11)
+    assert kl_loss(logits, logits.clone()).abs().item() < 1e-6
+    assert kl_loss(logits + 1.0, logits).abs().item() < 1e-6  # a constant shift is the same distribution
+
+
+def test_kl_value_and_gradient_match_a_float64_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 13, requires_grad=True)
+    reference_logits = torch.randn(2, 5, 13)
+    kl_loss(logits, reference_logits).backward()
+
+    l64 = logits.detach().double().requires_grad_(True)
+    p = torch.softmax(reference_logits.double()[:, :-1], -1)
+    expected = (p * (p.log() - torch.log_softmax(l64[:, :-1], -1))).sum(-1).mean()  # sum over vocab
+    expected.backward()
+    assert abs(kl_loss(logits, reference_logits).item() - expected.item()) < 1e-6
+    assert torch.allclose(logits.grad.double(), l64.grad, atol=1e-7)
+    assert logits.grad[:, -1].abs().max() == 0  # last position masked, as in the NTP loss
+
+
+# --- the whole objective -------------------------------------------------------------------------
+
+class FixedLogits(nn.Module):
+    """A stand-in model: logits from a table indexed by token, so a test knows them exactly."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, x):
+        return self.table[x]
+
+
+def objective_in_float64(model_table, reference_table, x_new, x_replay, replay, replay_coeff, lwf_coeff):
+    """The objective in float64, term by term: NTP as -log theta(next token), KL as
+    sum_v pi(v) (log pi(v) - log theta(v)), each averaged over every position that has a next token."""
+    log_theta = torch.log_softmax(model_table.double(), -1)
+    log_pi = torch.log_softmax(reference_table.double(), -1)
+
+    def ntp(x):
+        return torch.stack([-log_theta[x[b, t], x[b, t + 1]] for b in range(len(x)) for t in range(x.size(1) - 1)]).mean()
+
+    def kl(x):
+        rows = [(log_pi[x[b, t]].exp() * (log_pi[x[b, t]] - log_theta[x[b, t]])).sum()
+                for b in range(len(x)) for t in range(x.size(1) - 1)]
+        return torch.stack(rows).mean()
+
+    total = ntp(x_new)
+    if x_replay is not None:
+        total = total + replay_coeff * (kl(x_replay) if replay == "kl" else ntp(x_replay))
+    if lwf_coeff:
+        total = total + lwf_coeff * kl(x_new)
+    return total
+
+
+def test_objective_matches_a_float64_computation_of_every_term():
+    torch.manual_seed(0)
+    V = 7
+    model_table, reference_table = torch.randn(V, V), torch.randn(V, V)
+    x_new, x_replay = torch.randint(0, V, (3, 6)), torch.randint(0, V, (2, 6))
+    cases = [("kl", 1.0, 0.0), ("kl", 3.0, 0.0), ("ntp", 2.0, 0.0), ("kl", 1.0, 0.5), ("none", 0.0, 1.0)]
+    for replay, replay_coeff, lwf_coeff in cases:
+        model, reference = FixedLogits(model_table.clone()), FixedLogits(reference_table.clone())
+        reference.requires_grad_(False)
+        objective = Objective(model, reference, replay, replay_coeff, lwf_coeff)
+        replay_batch = None if replay == "none" else x_replay
+        loss, parts = objective(x_new, replay_batch)
+        loss.backward()
+
+        table64 = model_table.double().requires_grad_(True)
+        expected = objective_in_float64(table64, reference_table, x_new, replay_batch, replay, replay_coeff, lwf_coeff)
+        expected.backward()
+        assert abs(loss.item() - expected.item()) < 1e-5, (replay, replay_coeff, lwf_coeff)
+        assert torch.allclose(model.table.grad.double(), table64.grad, atol=1e-6)
+        assert reference.table.grad is None  # the frozen model never gets a gradient
+        assert set(parts) == {"loss_new"} | ({"loss_replay"} if replay_batch is not None else set()) \
+            | ({"loss_lwf"} if lwf_coeff else set())

@@ -1,0 +1,107 @@
+"""
+The training loop's shared parts (pretrain.py and finetune.py): the learning-rate schedule, when a
+run ends, and the run's log, whose guard stops a diverging run before it writes anything.
+"""
+import json
+import math
+import os
+import time
+
+from tqdm import tqdm
+
+from config import UserError
+from files import append_jsonl, atomic_write_text, read_jsonl
+
+
+def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=0.0, cooldown_from=None,
+          cooldown_steps=0):
+    """Linear warmup to peak_lr, then constant or cosine decay to min_lr at total_steps. A run that
+    reached its target at step cooldown_from cools down: from there the rate falls linearly from
+    where the schedule had it to 0 over cooldown_steps steps (the run ends at the last of them)."""
+    if cooldown_from is not None and step >= cooldown_from:
+        return (lr_at(cooldown_from, total_steps, peak_lr, warmup_steps, schedule, min_lr)
+                * (run_end(total_steps, cooldown_from, cooldown_steps) - step) / (cooldown_steps + 1))
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak_lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def run_end(total_steps, cooldown_from, cooldown_steps):
+    """The step a run ends at: total_steps, or cooldown_steps after the target reached at
+    cooldown_from (cooldown_from = total_steps while none is)."""
+    return min(total_steps, cooldown_from + cooldown_steps)
+
+
+def max_weight(model):
+    return max(p.detach().abs().max().item() for p in model.parameters())
+
+
+def check_diverged(record, model, start_weight, last_saved, hint):
+    """Stop a diverging run before it writes anything: a loss that is not finite, or weights that are
+    not finite or have grown a thousandfold (a learning rate far too high can keep the loss finite
+    while the weights explode). Names the checkpoint this run saved last, if any."""
+    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    weight = max_weight(model) if model is not None else 0.0
+    if not math.isfinite(weight) or weight > 1000 * max(1.0, start_weight):
+        bad["max |weight|"] = weight
+    if bad:
+        last = (f"the last good checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
+                else "this run wrote no checkpoint")
+        numbers = ", ".join(f"{k}={v:.3g}" for k, v in bad.items())
+        raise UserError(f"training diverged at step {record['step']} ({numbers}): {hint}; {last}")
+
+
+def prepare_log(path, start_step):
+    """A fresh run starts a fresh log; a resumed run keeps the records up to its checkpoint and
+    drops those the interrupted run wrote after it. Returns the last record kept (None if none), from
+    which a resumed run continues its running totals."""
+    if not os.path.exists(path):
+        return None
+    if start_step == 0:
+        os.remove(path)
+        return None
+    kept = [r for r in read_jsonl(path) if r["step"] <= start_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept[-1] if kept else None
+
+
+class TrainingLog:
+    """A training run's log.jsonl, one record per evaluation, and its clocks: seconds in training
+    steps alone (the compute axis of the learning-rate study) and in evaluations, both carried over
+    a resume. Every record is checked for divergence before it is written (hint: what to change)."""
+
+    def __init__(self, path, start_step, model, ckpt_path, hint, is_main=True):
+        self.path, self.model, self.hint = path, model, hint
+        kept = (prepare_log(path, start_step) if is_main else None) or {}
+        self.train_seconds, self.eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
+        self.start_weight = max_weight(model)
+        self.last_saved = (ckpt_path, start_step) if start_step else None  # named when a run diverges
+        self.started = time.time()
+
+    def evaluation(self, step, fields, measure):
+        """Log step's training numbers (fields) and measure()'s validation numbers, timing
+        measure() as evaluation. Returns the record."""
+        started = time.time()
+        record = {"step": step, **fields, "seconds": round(started - self.started, 2),
+                  "train_seconds": round(self.train_seconds, 2), **measure()}
+        self.eval_seconds += time.time() - started
+        record["eval_seconds"] = round(self.eval_seconds, 2)
+        self.check(record)
+        append_jsonl(self.path, record)
+        if step:  # shown between the progress bar's updates
+            tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
+        return record
+
+    def check(self, record, model=True):
+        """model=False: the loss alone (every step, cheaply), not the weights."""
+        check_diverged(record, self.model if model else None, self.start_weight, self.last_saved, self.hint)
+
+    def saved(self, ckpt_path, step):
+        self.last_saved = (ckpt_path, step)
+
+    def done(self, ckpt_path):
+        seconds = time.time() - self.started
+        print(f"done in {seconds:.1f}s, {self.last_saved[1]} steps; checkpoint {ckpt_path}")
