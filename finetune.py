@@ -360,7 +360,7 @@ def main():
         record = {"replay_passes": replay_stream.passes if replay_stream else 0, **losses}
         if replay_stream and replay_stream.dataset is None:
             # seconds spent sampling fresh replay inside this run
-            record["replay_sample_seconds"] = round(replay_stream.sample_seconds, 2)
+            record["replay_sample_seconds"] = round(replay_stream.sample_seconds, 3)
         return log.evaluation(step, record, lambda: log_names(evaluate_sets(
             model, tracked, T, eval_sequences, dev, reference if eval_kl else None, reference_logits)))
 

@@ -85,10 +85,11 @@ class TrainingLog:
         """Log step's training numbers (fields) and measure()'s validation numbers, timing
         measure() as evaluation. Returns the record."""
         started = time.time()
-        record = {"step": step, **fields, "seconds": round(started - self.started, 2),
-                  "train_seconds": round(self.train_seconds, 2), **measure()}
+        # to the millisecond: a tiny run's evaluation takes a few milliseconds
+        record = {"step": step, **fields, "seconds": round(started - self.started, 3),
+                  "train_seconds": round(self.train_seconds, 3), **measure()}
         self.eval_seconds += time.time() - started
-        record["eval_seconds"] = round(self.eval_seconds, 2)
+        record["eval_seconds"] = round(self.eval_seconds, 3)
         self.check(record)
         append_jsonl(self.path, record)
         if step:  # shown between the progress bar's updates
