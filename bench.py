@@ -31,8 +31,8 @@ import model as model_module
 from checkpoint import load_checkpoint
 from config import pick_device, run
 from files import write_json
-from objective import kl_loss, ntp_loss
 from model import GPT, GPTConfig, paper_parameter_count
+from objective import kl_loss, ntp_loss
 
 width = 128
 depth = 4
@@ -207,8 +207,7 @@ def main():
     dev = pick_device(device)
     on_cuda = dev.startswith("cuda")
     hot_attention = model_module.ATTENTION  # the default: PyTorch's SDPA
-    print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, "
-          f"vocab {vocab_size}; "
+    print(f"model: width {width}, depth {depth}, head_dim {head_dim}, block {block_size}, vocab {vocab_size}; "
           f"batch {batch_size}; device {dev}" + ("" if on_cuda else f" ({torch.get_num_threads()} threads)"))
 
     variants = {  # name: (compiled, bf16, attention)
@@ -227,15 +226,13 @@ def main():
 
     kl_base = train_step_speed(dev, False, False, "sdpa", with_kl=True)[0]
     kl_hot = train_step_speed(dev, True, True, hot_attention, with_kl=True)[0]
-    print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path "
-          f"{kl_hot:,.0f} tokens/s "
-          f"({kl_hot / kl_base:.2f}x)")
+    print(f"\nfinetuning step with KL replay: baseline {kl_base:,.0f} tokens/s, hot path {kl_hot:,.0f} "
+          f"tokens/s ({kl_hot / kl_base:.2f}x)")
 
     cached, compiled, naive = sampling_speed(dev)
     print(f"\nsampling {sample_batch} x {new_tokens} new tokens: KV cache {cached:,.0f} tokens/s "
           f"({cached / naive:.1f}x), compiled decode step {compiled:,.0f} tokens/s "
-          f"({compiled / naive:.1f}x), "
-          f"naive prefix recomputation {naive:,.0f} tokens/s")
+          f"({compiled / naive:.1f}x), naive prefix recomputation {naive:,.0f} tokens/s")
 
     ratios = sample_vs_forward(dev)
     print("\n| model | sampling tokens/s | forward tokens/s | sampling / forward |\n|---|---|---|---|")

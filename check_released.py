@@ -26,7 +26,7 @@ import torch
 
 import tokenizer as bpe
 from checkpoint import load_checkpoint
-from config import run, UserError
+from config import UserError, run
 from files import atomic_write_text, write_json
 
 checkpoint = "out/smollm2/ckpt.pt"   # from convert.py

@@ -88,11 +88,9 @@ def load_for_resume(path, run_config, inputs=None, input_settings=()):
                         "use a new --out_dir")
     for role, prints in (inputs or {}).items():
         if "inputs" in ckpt and ckpt["inputs"].get(role) != prints:
-            raise UserError(f"cannot resume {path}: its input {role} "
-                            f"({run_config.get(role, role)}) is not the file "
-                            "the run started from (other size or content): restore that file, "
-                            "or start over with "
-                            f"a new --out_dir")
+            raise UserError(f"cannot resume {path}: its input {role} ({run_config.get(role, role)}) is not "
+                            "the file the run started from (other size or content): restore that file, or "
+                            "start over with a new --out_dir")
     return ckpt
 
 

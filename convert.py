@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import tokenizer as bpe
-from config import run, UserError
+from config import UserError, run
 from files import atomic_torch_save
 from model import GPT, GPTConfig, count_parameters
 
@@ -122,9 +122,8 @@ def read_gguf(path):
     types = meta["tokenizer.ggml.token_type"]
     pre = meta.get("tokenizer.ggml.pre", "default")
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in bpe.GGUF_PRE_PATTERNS:
-        raise UserError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')!r} with "
-                        f"pre-tokenizer {pre!r} is not "
-                        f"supported (byte-level BPE with {', '.join(bpe.GGUF_PRE_PATTERNS)})")
+        raise UserError(f"{path}: tokenizer {meta.get('tokenizer.ggml.model')!r} with pre-tokenizer {pre!r} "
+                        f"is not supported (byte-level BPE with {', '.join(bpe.GGUF_PRE_PATTERNS)})")
     tok = dict(tokens=meta["tokenizer.ggml.tokens"], merges=meta["tokenizer.ggml.merges"],
                special_ids={i for i, t in enumerate(types) if t in (3, 4)},  # control and user-defined
                pattern=bpe.GGUF_PRE_PATTERNS[pre], bos=meta.get("tokenizer.ggml.bos_token_id"),
@@ -182,8 +181,7 @@ def read_hf_folder(folder):
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in HF_ARCHITECTURES or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise UserError(f"{paths['config.json']}: {arch} is not supported (supported: "
-                        f"{', '.join(sorted(HF_ARCHITECTURES))},"
-                        f" without biases)")
+                        f"{', '.join(sorted(HF_ARCHITECTURES))}, without biases)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4 spellings
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
@@ -284,8 +282,7 @@ def main():
         k for k in set(expected) & set(weights) if tuple(expected[k].shape) != weights[k].shape)
     if wrong:
         raise UserError(f"{path}: weights do not fit the model its metadata describes "
-                        f"({', '.join(wrong[:4])}): "
-                        f"the file is damaged or not a plain Llama-family model")
+                        f"({', '.join(wrong[:4])}): the file is damaged or not a plain Llama-family model")
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(w)) for k, w in weights.items()})
 
     os.makedirs(out_dir, exist_ok=True)

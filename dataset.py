@@ -50,9 +50,8 @@ class Dataset:
             # uint16 ids unless the vocabulary is larger (a released model's, e.g. Llama 3's 128k)
             tokens = np.fromfile(path, dtype=dtype)
             if tokens.min() < 0 or tokens.max() >= vocab_size:
-                raise UserError(f"{path} holds token ids outside 0..{vocab_size - 1} (its "
-                                "meta.json's vocab_size): "
-                                f"{redo}")
+                raise UserError(f"{path} holds token ids outside 0..{vocab_size - 1} (its meta.json's "
+                                f"vocab_size): {redo}")
             if self.row_len:
                 if len(tokens) % self.row_len:
                     raise UserError(f"{path} is truncated (not a whole number of {self.row_len}-token rows): "
@@ -68,9 +67,8 @@ class Dataset:
         """A text dataset must hold at least one window of block_size tokens in each split."""
         for split, tokens in self.splits.items():
             if not self.row_len and len(tokens) < block_size:
-                raise UserError(f"{self.dir}/{split}.bin holds {len(tokens)} tokens, fewer "
-                                "than one window of "
-                                f"{block_size}: use a smaller --block_size or more data")
+                raise UserError(f"{self.dir}/{split}.bin holds {len(tokens)} tokens, fewer than one window "
+                                f"of {block_size}: use a smaller --block_size or more data")
 
     def seq_len(self, block_size):
         return self.row_len or block_size
@@ -136,9 +134,8 @@ def load_corpus(path):
     if tokens.ndim != 2 or len(tokens) == 0:
         raise UserError(f"replay corpus {path} holds no sequences: re-sample it")
     if tokens.size(1) < 2:
-        raise UserError(f"replay corpus {path} holds sequences of {tokens.size(1)} token: "
-                        "training needs at least 2 "
-                        f"(a prompt and a next token); re-sample it with --length=2 or more")
+        raise UserError(f"replay corpus {path} holds sequences of {tokens.size(1)} token: training needs at "
+                        "least 2 (a prompt and a next token); re-sample it with --length=2 or more")
     vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
     if vocab_size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise UserError(f"replay corpus {path} holds token ids outside 0..{vocab_size - 1}: re-sample it")

@@ -12,7 +12,7 @@ Llama 3.2 1B/3B: gated, so set HF_TOKEN) and Qwen3 (e.g. Qwen/Qwen3-0.6B).
 import json
 import os
 
-from config import run, UserError
+from config import UserError, run
 from files import download
 
 repo = "HuggingFaceTB/SmolLM2-360M"

@@ -48,10 +48,9 @@ class Lock:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(path)
                     continue
-                raise UserError(f"{what} is in use by process {holder.get('pid')} on "
-                                f"{holder.get('host')}: wait for "
-                                "it to finish or choose another output; if no such run is "
-                                f"going, delete {path}")
+                raise UserError(f"{what} is in use by process {holder.get('pid')} on {holder.get('host')}: "
+                                "wait for it to finish or choose another output; if no such run is going, "
+                                f"delete {path}")
             except OSError as e:
                 raise UserError(f"cannot write to {what} ({e.strerror}): choose a "
                                 "writable output location") from None
@@ -120,9 +119,8 @@ def claim_out_dir(out_dir, resume, overwrite, inputs):
     here = os.path.abspath(out_dir)
     for path in inputs:
         if path and os.path.abspath(os.path.dirname(path)) == here:
-            raise UserError(f"--out_dir={out_dir} holds the input {path}, which this run "
-                            "would overwrite or mix "
-                            f"with: choose another --out_dir")
+            raise UserError(f"--out_dir={out_dir} holds the input {path}, which this run would overwrite or "
+                            "mix with: choose another --out_dir")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is a file: choose a folder")
     lock = Lock(os.path.join(out_dir, ".lock"), f"--out_dir={out_dir}")
@@ -132,9 +130,8 @@ def claim_out_dir(out_dir, resume, overwrite, inputs):
     if found and not resume:
         if not overwrite:
             lock.release()
-            raise UserError(f"{out_dir} already holds a run ({', '.join(found)}): continue it "
-                            "with --resume=True, "
-                            f"choose another --out_dir, or replace it with --overwrite=True")
+            raise UserError(f"{out_dir} already holds a run ({', '.join(found)}): continue it with "
+                            "--resume=True, choose another --out_dir, or replace it with --overwrite=True")
         for f in found:
             os.remove(os.path.join(out_dir, f))
     return lock

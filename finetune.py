@@ -122,9 +122,8 @@ class ReplayStream:
             if needed > self.capacity and not reuse:
                 raise UserError(f"replay_source={source}: {max_steps} steps x {batch_size} replay windows of "
                                 f"{block_size} tokens would pass over its training split "
-                                f"{needed / self.capacity:.1f} times: lower "
-                                "--replay_batch_size or --max_steps, "
-                                f"or allow it with --replay_reuse=True")
+                                f"{needed / self.capacity:.1f} times: lower --replay_batch_size or "
+                                "--max_steps, or allow it with --replay_reuse=True")
             return
         self.dataset = None
         self.tokens, self.meta = load_corpus(source)
@@ -143,12 +142,11 @@ class ReplayStream:
         from_reference = "prompts" in meta and same_file
         self.reference, self.device = reference if from_reference else None, device
         if needed > self.capacity and not reuse and self.reference is None:
-            raise UserError(f"replay corpus {source} has {self.capacity:,} sequences, but "
-                            f"{max_steps} steps x "
-                            f"{batch_size} need {needed:,} so that none is used twice, and it "
-                            "was not sampled from "
-                            f"{ckpt_path}, so no more can be drawn: sample {needed} (sample_replay.py "
-                            f"--num_samples={needed}) or allow reuse with --replay_reuse=True")
+            raise UserError(f"replay corpus {source} has {self.capacity:,} sequences, but {max_steps} steps "
+                            f"x {batch_size} need {needed:,} so that none is used twice, and it was not "
+                            f"sampled from {ckpt_path}, so no more can be drawn: sample {needed} "
+                            f"(sample_replay.py --num_samples={needed}) or allow reuse with "
+                            "--replay_reuse=True")
         self.order, self.position = rng.permutation(self.capacity), 0
 
     @property
@@ -305,8 +303,8 @@ def main():
         replay_stream = ReplayStream(replay_source, init_from, ckpt, replay_rng, n_replay, T, max_steps,
                                      replay_reuse, reference, dev)
     if is_main:
-        print(f"finetune {init_from} on {dataset}: {max_steps} steps, batch {batch_size}, lr {learning_rate}; "
-              f"replay {replay}"
+        print(f"finetune {init_from} on {dataset}: {max_steps} steps, batch {batch_size}, "
+              f"lr {learning_rate}; replay {replay}"
               + (f" x{replay_coeff} from {replay_stream.description}" if replay_stream else "")
               + (f"; LwF x{lwf_coeff}" if lwf_coeff else "")
               + (f"; {n_mix} rows of {mix_dataset}" if mix else "")

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
-from config import run, UserError
+from config import UserError, run
 from files import atomic_path, check_writable, read_jsonl
 
 figure = "toy_continual"        # "toy_continual" or "frontier"
@@ -114,8 +114,7 @@ def frontier_figure():
         records = [r for r in read_log(path) if all(k in r for k in wanted)]
         if not records:
             raise UserError(f"{path} has no val_loss/{old}, val_loss/{new} and {second}: pass "
-                            "--old/--new/--right "
-                            f"as logged there")
+                            "--old/--new/--right as logged there")
         xs, ys = [r[f"val_loss/{new}"] for r in records], [r[f"val_loss/{old}"] for r in records]
         lowest = min(lowest, min(ys))
         axes[0].plot(xs, ys, marker="o", ms=3, label=name)

@@ -31,9 +31,9 @@ import sys
 import time
 
 from checkpoint import load_checkpoint_dict
-from config import apply_overrides, run, UserError
-from files import atomic_write_text, read_jsonl, write_json
+from config import UserError, apply_overrides, run
 from evaluate import at_target, time_split
+from files import atomic_write_text, read_jsonl, write_json
 
 profile = "cpu"
 out_root = "out/released"
@@ -113,8 +113,9 @@ def main():
         path = os.path.join(out_root, f"{name}.pt")
         if not os.path.exists(path):
             launch("sample_replay.py", {"init_from": ckpt, "prompts": "bos", "num_samples": count,
-                                        "length": block_size, "batch_size": sample_batch_size, "seed": seed, "device": device,
-                                        "compile": compile, "out": path, "resume": True}, f"sample_{name}")
+                                        "length": block_size, "batch_size": sample_batch_size, "seed": seed,
+                                        "device": device, "compile": compile, "out": path, "resume": True},
+                   f"sample_{name}")
 
     # finetuning: standard first, as it sets the Spanish target
     common_args = {"init_from": ckpt, "dataset": es, "eval_datasets": f"{en},corpus:{out_root}/heldout_self.pt",
@@ -181,14 +182,12 @@ def main():
 
     lines = [f"Spanish target {target:.3f} (reference: English {reference['val_loss/en']:.3f}, "
              f"Spanish {reference['val_loss/es']:.3f})", "",
-             "| method | English loss | forgetting | English KL | self-generated KL | Spanish loss | "
-             "steps | seconds | read "
-             "| replay passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | English loss | forgetting | English KL | self-generated KL | Spanish loss | steps "
+             "| seconds | read | replay passes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in result["methods"].items():
         lines.append(f"| {m} | {r['en_loss']:.3f} | {r['en_forgetting']:+.3f} | {r['en_kl']:.4f} | "
-                     f"{r['self_kl']:.4f} | "
-                     f"{r['es_loss']:.3f} | {r['steps']:g} | {r['seconds']:.0f} | {r['read']} | "
-                     f"{'' if r['replay_passes'] is None else r['replay_passes']} |")
+                     f"{r['self_kl']:.4f} | {r['es_loss']:.3f} | {r['steps']:g} | {r['seconds']:.0f} | "
+                     f"{r['read']} | {'' if r['replay_passes'] is None else r['replay_passes']} |")
     atomic_write_text("results/released_model.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     runs = ",".join(f"{m}={out_root}/{m}/log.jsonl" for m in METHODS)

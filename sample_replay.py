@@ -19,9 +19,9 @@ import time
 import torch
 
 from checkpoint import load_checkpoint
-from config import pick_device, run, set_seed, UserError
+from config import UserError, pick_device, run, set_seed
 from dataset import known_tokenizers
-from files import atomic_torch_save, fingerprint, Lock, remove_stale_temporaries
+from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries
 from progress import progress_bar
 
 init_from = "out/pretrain_add/ckpt.pt"
@@ -61,9 +61,8 @@ def parse_prompts(spec, data_meta, vocab_size, bos=None):
             token = data_meta[name]["dataset_token"]
         else:
             known = ", ".join(sorted(data_meta)) or "none"
-            raise UserError(f"prompt {name!r} is neither a token id nor a dataset this "
-                            "checkpoint was trained on "
-                            f"(known: {known})")
+            raise UserError(f"prompt {name!r} is neither a token id nor a dataset this checkpoint was "
+                            f"trained on (known: {known})")
         parsed.append((name, token, share))
     if not parsed:
         raise UserError("--prompts is empty: give at least one dataset name or token id")

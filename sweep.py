@@ -37,10 +37,10 @@ import sys
 import time
 
 from checkpoint import load_checkpoint_dict
-from config import apply_overrides, run, UserError
+from config import UserError, apply_overrides, run
 from dataset import load_corpus
-from files import atomic_write_text, read_jsonl
 from evaluate import at_target
+from files import atomic_write_text, read_jsonl
 from model import paper_parameter_count
 
 study = "all"                   # size, tpp, mixture, lr, compute or all
