@@ -136,7 +136,8 @@ class ReplayStream:
                             f"({self.capacity:,} sequences): sample more or lower --replay_batch_size")
         # more can be sampled only from the model the corpus came from, the frozen reference
         # (the same file content: the path may have moved)
-        source_sha, meta = self.meta.get("source_sha256"), self.meta
+        meta = self.meta
+        source_sha = meta.get("source_sha256")
         same_file = (fingerprint(ckpt_path)["sha256"] == source_sha if source_sha
                      else meta.get("source_checkpoint") == os.path.abspath(ckpt_path))
         from_reference = "prompts" in meta and same_file
@@ -212,7 +213,7 @@ class LoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         device = base.weight.device
         self.A = nn.Parameter(torch.randn(rank, base.in_features, device=device) * base.in_features ** -0.5)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         self.scale = alpha / rank
 
     def forward(self, x):
@@ -385,7 +386,7 @@ def main():
         with autocast:
             loss, parts = step_objective(x_new, x_replay)
         if not torch.isfinite(loss):
-            log.check({"step": step, "loss": loss.item()}, model=False)
+            log.check({"step": step, "loss": loss.item()}, weights=False)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -422,13 +423,13 @@ def main():
                                 reference=os.path.abspath(init_from),
                                 replay_passes=passes, inputs=inputs, train_state=state,
                                 **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
-                log.saved(ckpt_path, step + 1)
+                log.saved(step + 1)
             cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
             if finished:
                 break
     pbar.close()
     if is_main:
-        log.done(ckpt_path)
+        log.done()
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def main():
         with autocast:
             loss = ntp_loss(train_model(x), x)
         if not torch.isfinite(loss):
-            log.check({"step": step, "train_loss": loss.item()}, model=False)
+            log.check({"step": step, "train_loss": loss.item()}, weights=False)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -216,7 +216,7 @@ def main():
                 save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
                                 step=step + 1, finished=finished, inputs=inputs, train_state=train_state(
                                     optimizer, rng, cooldown_from if cooldown_from < total_steps else None))
-                log.saved(ckpt_path, step + 1)
+                log.saved(step + 1)
             cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
             if finished:
                 break
@@ -225,7 +225,7 @@ def main():
     # -- summary: the last evaluation, dataset by dataset
     if not is_main:
         return
-    log.done(ckpt_path)
+    log.done()
     for key, value in record.items():
         if key.startswith("accuracy/"):
             print(f"{key.split('/')[1]} validation accuracy (greedy exact match): {value:.4f}")

@@ -39,21 +39,6 @@ def max_weight(model):
     return max(p.detach().abs().max().item() for p in model.parameters())
 
 
-def check_diverged(record, model, start_weight, last_saved, hint):
-    """Stop a diverging run before it writes anything: a loss that is not finite, or weights that are
-    not finite or have grown a thousandfold (a learning rate far too high can keep the loss finite
-    while the weights explode). Names the checkpoint this run saved last, if any."""
-    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-    weight = max_weight(model) if model is not None else 0.0
-    if not math.isfinite(weight) or weight > 1000 * max(1.0, start_weight):
-        bad["max |weight|"] = weight
-    if bad:
-        last = (f"the last good checkpoint is {last_saved[0]} (step {last_saved[1]})" if last_saved
-                else "this run wrote no checkpoint")
-        numbers = ", ".join(f"{k}={v:.3g}" for k, v in bad.items())
-        raise UserError(f"training diverged at step {record['step']} ({numbers}): {hint}; {last}")
-
-
 def prepare_log(path, start_step):
     """A fresh run starts a fresh log; a resumed run keeps the records up to its checkpoint and
     drops those the interrupted run wrote after it. Returns the last record kept (None if none), from
@@ -74,11 +59,11 @@ class TrainingLog:
     a resume. Every record is checked for divergence before it is written (hint: what to change)."""
 
     def __init__(self, path, start_step, model, ckpt_path, hint, is_main=True):
-        self.path, self.model, self.hint = path, model, hint
+        self.path, self.model, self.ckpt_path, self.hint = path, model, ckpt_path, hint
         kept = (prepare_log(path, start_step) if is_main else None) or {}
         self.train_seconds, self.eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
         self.start_weight = max_weight(model)
-        self.last_saved = (ckpt_path, start_step) if start_step else None  # named when a run diverges
+        self.last_saved = start_step or None  # the step of the last checkpoint, named when a run diverges
         self.started = time.time()
 
     def evaluation(self, step, fields, measure):
@@ -96,13 +81,24 @@ class TrainingLog:
             tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
         return record
 
-    def check(self, record, model=True):
-        """model=False: the loss alone (every step, cheaply), not the weights."""
-        check_diverged(record, self.model if model else None, self.start_weight, self.last_saved, self.hint)
+    def check(self, record, weights=True):
+        """Stop a diverging run before it writes anything: a loss that is not finite, or weights that
+        are not finite or have grown a thousandfold (a learning rate far too high can keep the loss
+        finite while the weights explode). weights=False: the loss alone (every step, cheaply). Names
+        the checkpoint this run saved last, if any."""
+        bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+        weight = max_weight(self.model) if weights else 0.0
+        if not math.isfinite(weight) or weight > 1000 * max(1.0, self.start_weight):
+            bad["max |weight|"] = weight
+        if bad:
+            last = (f"the last good checkpoint is {self.ckpt_path} (step {self.last_saved})"
+                    if self.last_saved else "this run wrote no checkpoint")
+            numbers = ", ".join(f"{k}={v:.3g}" for k, v in bad.items())
+            raise UserError(f"training diverged at step {record['step']} ({numbers}): {self.hint}; {last}")
 
-    def saved(self, ckpt_path, step):
-        self.last_saved = (ckpt_path, step)
+    def saved(self, step):
+        self.last_saved = step
 
-    def done(self, ckpt_path):
+    def done(self):
         seconds = time.time() - self.started
-        print(f"done in {seconds:.1f}s, {self.last_saved[1]} steps; checkpoint {ckpt_path}")
+        print(f"done in {seconds:.1f}s, {self.last_saved} steps; checkpoint {self.ckpt_path}")
