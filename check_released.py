@@ -16,9 +16,19 @@ LlamaForCausalLM and tokenizer, both loaded from the same GGUF file.
    tokenizer.ggml.pre = "smollm" (digits split one by one, as in llama.cpp and SmolLM2's own
    tokenizer.json); we report the comparison with that tokenizer as loaded, and with the same
    tokenizer given SmolLM2's pre-tokenizer (Digits, then ByteLevel), which is the one ours follows.
+3. Chat format: our rendering (tokenizer.render_chat, from the chat template convert.py
+   kept) against transformers' apply_chat_template, text and ids, on a few conversations.
+4. Multiple-choice scoring: every choice's log-likelihood after its context, for the first
+   `bench_items` items of the prepared benchmark (data/mmlu/prepare.py), ours (evaluate.score_choices:
+   shared prefix, KV cache reused across choices) against transformers running each context + choice
+   whole, in float32: the largest difference is reported (float32 rounding of two operation orders,
+   summed over a choice's tokens).
+5. Export: the checkpoint written out by export.py (a Hugging Face folder and an F32 GGUF, in a
+   temporary folder) and loaded back by transformers gives our logits on the same tokens (float32).
 Writes results/released_check.json and results/released_check.md.
 """
 import os
+import subprocess
 import sys
 import time
 
@@ -33,6 +43,9 @@ checkpoint = "out/smollm2/ckpt.pt"   # from convert.py
 gguf = ""                            # the GGUF it was converted from; "" = the checkpoint's source
 n_tokens = 300                       # tokens through both models
 modules_dir = "/usr/share/sword"     # the Bibles (data/bible/prepare.py's reader); skipped if missing
+benchmark = "mmlu_smollm2/mmlu"      # prepared for this model; "" = skip the scoring check
+bench_items = 300
+export = True                        # also check export.py's files
 out_json = "results/released_check.json"
 out_md = "results/released_check.md"
 
@@ -127,6 +140,57 @@ def main():
                                      "vs transformers as loaded from the GGUF": compare_ids(ours_ids, as_loaded, texts)}
         for against, r in report["tokenizer"][name].items():
             print(f"{name}: {r['identical']}/{r['texts']} identical {against} ({r['tokens']:,} tokens)")
+
+    # 3. chat format: our rendering of the model's template against transformers' own
+    conversations = [[{"role": "user", "content": "What is the capital of France?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]]
+    tok = bpe.released_encoding(ckpt["tokenizer"]["tokenizer_path"])[2]
+    same = 0
+    for messages in conversations:
+        for generation in (True, False):
+            text = bpe.render_chat(messages, tok, add_generation_prompt=generation)
+            theirs = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            same += text == theirs and ours_ids(text) == as_loaded(theirs)
+    report["chat_template"] = {"conversations": 2 * len(conversations), "identical_text_and_ids": same}
+    print(f"chat format: {same}/{2 * len(conversations)} renderings identical to transformers' "
+          "(text and ids)")
+
+    # 4. multiple-choice scoring, float32: ours (cached, batched) against each choice run whole
+    if benchmark:
+        from dataset import Benchmark
+        from evaluate import score_choices
+        items = Benchmark(benchmark).items[:bench_items]
+        ours_scores = score_choices(ours.float().eval(), items)
+        hf_model.to(torch.float32)
+        worst = 0.0
+        for item, mine in zip(items, ours_scores):
+            for choice, value in zip(item["choices"], mine):
+                with torch.no_grad():
+                    logits = hf_model(torch.tensor([item["context"] + choice])).logits[0]
+                logprobs = logits.float().log_softmax(-1)
+                n = len(item["context"])
+                theirs = sum(logprobs[n - 1 + j, t].item() for j, t in enumerate(choice))
+                worst = max(worst, abs(value.item() - theirs))
+        report["choice_loglikelihoods"] = {"items": len(items), "max_abs_difference_float32": worst,
+                                           "choices": sum(len(i["choices"]) for i in items)}
+        print(f"choice log-likelihoods, {len(items)} items, float32: max |ours - transformers| = {worst:.3g}")
+
+    # 5. export.py's files, loaded by transformers: the same logits as ours
+    if export:
+        import tempfile
+        from transformers import AutoModelForCausalLM
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "export.py", f"--checkpoint={checkpoint}", f"--out_dir={tmp}/x",
+                            "--formats=hf,gguf-f32"], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            with torch.no_grad():
+                mine = ours.float()(x)
+                for name, kwargs in (("Hugging Face folder", {}), ("F32 GGUF", {"gguf_file": "model-f32.gguf"})):
+                    folder = f"{tmp}/x/hf" if not kwargs else f"{tmp}/x"
+                    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+                    difference = (loaded(x).logits - mine).abs().max().item()
+                    report.setdefault("export_logits_max_abs_difference", {})[name] = difference
+                    print(f"export, {name}, loaded by transformers: max |ours - transformers| = {difference:.3g}")
     report["seconds"] = round(time.time() - t0, 1)
     write_json(out_json, report)
     lines = ["| check | result |", "|---|---|"]
@@ -136,6 +200,16 @@ def main():
         for against, r in results.items():
             lines.append(f"| {name}: identical ids {against} | {r['identical']} of {r['texts']} "
                          f"({r['tokens']:,} tokens) |")
+    chat = report["chat_template"]
+    lines.append(f"| chat format: renderings identical to transformers' apply_chat_template (text and ids) | "
+                 f"{chat['identical_text_and_ids']} of {chat['conversations']} |")
+    if "choice_loglikelihoods" in report:
+        c = report["choice_loglikelihoods"]
+        lines.append(f"| multiple-choice log-likelihoods, {c['items']} items ({c['choices']} choices), "
+                     f"float32: max abs difference | {c['max_abs_difference_float32']:.2e} |")
+    for name, difference in report.get("export_logits_max_abs_difference", {}).items():
+        lines.append(f"| export.py's {name} loaded by transformers: logits, {len(ids)} tokens, float32, "
+                     f"max abs difference | {difference:.2e} |")
     atomic_write_text(out_md, "\n".join(lines) + "\n")
     print(f"wrote {out_json} and {out_md}")
 

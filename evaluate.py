@@ -18,15 +18,17 @@ the target, linearly interpolated between the two evaluations around it.
 """
 import os
 import time
+from itertools import repeat
 
 import torch
 
 from checkpoint import load_checkpoint
-from config import UserError, pick_device, run
-from dataset import check_compatible, check_short_names, open_eval_set
+from config import UserError, pick_device, pick_dtype, run
+from dataset import Benchmark, check_compatible, check_short_names, open_eval_set
 from files import atomic_write_text, check_writable, read_jsonl, write_json
-from model import GPTConfig
+from model import GPTConfig, KVCache
 from objective import kl_loss, ntp_loss
+from progress import progress_bar
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
 reference = "out/pretrain_add/ckpt.pt"          # "" = no reference (no KL, no forgetting columns)
@@ -40,6 +42,8 @@ started_at = 0.0                                 # unix time the experiment bega
 time_runs = ""                                   # comma-separated run folders and replay corpora of the
                                                  # experiment: report where its time went
 device = "auto"
+dtype = "float32"                                # "bfloat16" autocasts the matmuls;
+                                                 # "auto": bfloat16 where this machine runs it fast
 # -- comparison at matched loss, from finetuning logs instead of checkpoints
 logs = ""                                        # comma-separated name=path/to/log.jsonl
 match = ""                                       # key=target, e.g. val_loss/es=4.744
@@ -71,14 +75,17 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
         totals["kl"] = 0.0
     if answers:
         totals["accuracy"] = 0.0
-    for i, x in enumerate(dataset.eval_batches("val", batch_size, block_size, max_sequences)):
+    masks = dataset.eval_masks(batch_size, block_size, max_sequences) if hasattr(dataset, "eval_masks") else repeat(None)
+    batches = dataset.eval_batches("val", batch_size, block_size, max_sequences)
+    for i, (x, mask) in enumerate(zip(batches, masks)):
         x = x.to(device)
+        mask = None if mask is None else mask.to(device)  # e.g. a chat's answer: only its tokens count
         logits = model(x)
-        totals["loss"] += ntp_loss(logits, x).item() * len(x)
+        totals["loss"] += ntp_loss(logits, x, mask).item() * len(x)
         if reference is not None:
             if i not in cache:
                 cache[i] = reference(x)
-            totals["kl"] += kl_loss(logits, cache[i]).item() * len(x)
+            totals["kl"] += kl_loss(logits, cache[i], mask).item() * len(x)
         if answers:
             start, end = answers
             guess = logits[:, start - 1:end - 1].argmax(dim=-1)   # position p - 1 predicts token p
@@ -87,14 +94,72 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
     return {k: v / count for k, v in totals.items()}
 
 
+@torch.no_grad()
+def score_choices(model, items, device="cpu", progress=False):
+    """Multiple-choice items by log-likelihood, as lm-evaluation-harness scores them: each choice's
+    log-probability is the sum over its tokens after the item's context. items: [{"context": ids,
+    "choices": [ids, ...]}]. Returns one (choices,) float64 tensor per item.
+
+    Computed once and shared: the context prefix all items have in common (a chat template's system
+    turn), then each item's context, whose keys and values serve all its choices in one batch."""
+    prefix = min(len(item["context"]) for item in items) - 1  # at least one context token per item
+    for item in items[1:]:
+        while item["context"][:prefix] != items[0]["context"][:prefix]:
+            prefix -= 1
+    shared = KVCache(model.config, 1, device, model.embed.weight.dtype, max_length=max(prefix, 1))
+    if prefix:
+        model.hidden(torch.tensor([items[0]["context"][:prefix]], device=device), shared)
+    scores = []
+    for item in progress_bar(items, "scoring", disable=not progress):
+        context, choices = item["context"], item["choices"]
+        cache = shared.copy_to(1, len(context))
+        last = model.hidden(torch.tensor([context[prefix:]], device=device), cache)[:, -1]
+        longest = max(len(c) for c in choices)
+        x = torch.tensor([c + [0] * (longest - len(c)) for c in choices], device=device)
+        h = model.hidden(x, cache.copy_to(len(choices), len(context) + longest))
+        # the context's last position predicts each choice's first token, position j its token j + 1
+        h = torch.cat([last.expand(len(choices), -1)[:, None], h[:, :-1]], dim=1)
+        logits = model.unembed(h)
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # (bf16 under autocast)
+        logprobs = logits.log_softmax(-1).gather(-1, x[..., None])[..., 0]
+        counted = torch.tensor([[j < len(c) for j in range(longest)] for c in choices], device=device)
+        scores.append((logprobs * counted).sum(1).double().cpu())
+    return scores
+
+
+def benchmark_numbers(scores, items):
+    """Per item, from its choices' log-likelihoods: acc (the most likely choice is right), acc_norm
+    (the same after dividing each by its length in characters, lm-evaluation-harness's acc_norm) and
+    p_correct (the right choice's probability among the choices: a smoother measure)."""
+    acc, acc_norm, p_correct = [], [], []
+    for s, item in zip(scores, items):
+        gold = item["gold"]
+        acc.append(float(s.argmax() == gold))
+        acc_norm.append(float((s / torch.tensor(item["choice_chars"])).argmax() == gold))
+        p_correct.append(s.softmax(0)[gold].item())
+    return {"acc": acc, "acc_norm": acc_norm, "p_correct": p_correct}
+
+
+def evaluate_benchmark(model, bench, device="cpu", progress=False):
+    """A multiple-choice benchmark (dataset.Benchmark): mean acc, acc_norm and p_correct, and under
+    "items" every item's numbers (for paired comparisons between models on the same items)."""
+    numbers = benchmark_numbers(score_choices(model, bench.items, device, progress), bench.items)
+    means = {k: sum(v) / len(v) for k, v in numbers.items()}
+    numbers["p_correct"] = [round(p, 5) for p in numbers["p_correct"]]  # (compact in logs)
+    return {**means, "items": numbers}
+
+
 def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None, reference_logits=None):
-    """evaluate_on on every dataset of sets ({name: dataset}), in eval mode: {short name: numbers}.
-    reference_logits: a dict kept between calls, in which the frozen reference's logits on each
-    dataset's fixed sequences are computed once."""
+    """evaluate_on on every dataset of sets ({name: dataset}), in eval mode: {short name: numbers}
+    (a benchmark among them: evaluate_benchmark). reference_logits: a dict kept between calls, in
+    which the frozen reference's logits on each dataset's fixed sequences are computed once."""
     was_training = model.training
     model.eval()
     results = {}
     for name, d in sets.items():
+        if isinstance(d, Benchmark):
+            results[d.short_name] = evaluate_benchmark(model, d, device)
+            continue
         cache = None if reference_logits is None else reference_logits.setdefault(name, {})
         results[d.short_name] = evaluate_on(model, d, block_size, max_sequences, device, reference, cache)
     model.train(was_training)
@@ -102,8 +167,10 @@ def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None
 
 
 def log_names(results):
-    """evaluate_sets' numbers under the names training logs use: val_loss/add, val_kl/add, ..."""
-    return {f"{LOG_NAMES[k]}/{short}": v for short, numbers in results.items() for k, v in numbers.items()}
+    """evaluate_sets' numbers under the names training logs use: val_loss/add, val_kl/add,
+    acc/mmlu, ... (a benchmark's per-item numbers: items/mmlu)."""
+    return {f"{LOG_NAMES.get(k, k)}/{short}": v for short, numbers in results.items()
+            for k, v in numbers.items()}
 
 
 def time_split(paths):
@@ -275,21 +342,25 @@ def main():
             d.check_length(block_size or ckpt["model_config"]["block_size"])
 
     results = {}
-    if ref_model is not None:
-        ref_model.eval()
-        results["reference"] = measure(ref_model, data, dev)
-    for name, model in models.items():
-        results[name] = measure(model, data, dev, ref_model)
+    chosen_dtype = pick_dtype(dtype, dev)
+    autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=chosen_dtype == "bfloat16")
+    with autocast:
         if ref_model is not None:
-            for short, m in results[name].items():
-                ref = results["reference"][short]
+            ref_model.eval()
+            results["reference"] = measure(ref_model, data, dev)
+        for name, model in models.items():
+            results[name] = measure(model, data, dev, ref_model)
+    for name in models:
+        for short, m in results[name].items() if ref_model is not None else ():
+            ref = results["reference"][short]
+            if "loss" in m:  # (a benchmark has accuracies only: acc, acc_norm, p_correct)
                 m["forgetting_loss"] = m["loss"] - ref["loss"]
-                if "accuracy" in m:
-                    m["forgetting_accuracy"] = ref["accuracy"] - m["accuracy"]
+            if "accuracy" in m:
+                m["forgetting_accuracy"] = ref["accuracy"] - m["accuracy"]
 
     accuracies = {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m}
                   for name in named}
-    report = {"arms": accuracies,
+    report = {"dtype": chosen_dtype, "arms": accuracies,
               "metrics": results,
               "steps": steps,
               "checkpoints": named,
@@ -312,7 +383,8 @@ def markdown_table(results, dataset_names, steps):
     replay sequence was seen (replay passes; 0 = no replay)."""
     columns = []
     for s in dataset_names:
-        for key, label in (("accuracy", "acc"), ("loss", "loss"), ("kl_to_reference", "KL")):
+        for key, label in (("accuracy", "acc"), ("loss", "loss"), ("kl_to_reference", "KL"), ("acc", "acc"),
+                           ("acc_norm", "acc_norm"), ("p_correct", "p_correct")):
             if any(key in results[row][s] for row in results):
                 columns.append((s, key, f"{s} {label}"))
     lines = ["| model | " + " | ".join(c[2] for c in columns) + " | steps | replay passes |",

@@ -18,6 +18,9 @@ Old data comes in three ways:
     python finetune.py --init_from=out/pretrain_add/ckpt.pt --dataset=arithmetic/sort
     python finetune.py --replay=kl --replay_coeff=1 --replay_source=out/replay_add.pt
 
+On a chat dataset (data/text/prepare.py from conversations), --answers_only=True restricts the new
+data's next-token loss to the assistant's answers, as instruction tuning does.
+
 Writes out_dir/ckpt.pt and out_dir/log.jsonl (new- and old-data metrics every eval_interval steps,
 starting at step 0).
 """
@@ -48,6 +51,8 @@ dataset = "arithmetic/sort"      # the new data
 eval_datasets = ""               # extra datasets (or corpus:<path>) to track; the checkpoint's own are
                                  # always tracked
 block_size = 0                   # text windows of this many tokens; 0 = the model's block_size
+answers_only = False             # a chat dataset (data/text/prepare.py): the new data's next-token loss on
+                                 # the assistant's answers only, as instruction tuning does; replay unchanged
 # -- replay: old-distribution sequences under a term of their own
 replay = "none"                  # "none", "kl" = KL(reference || model), "ntp" = next-token loss
 replay_coeff = 1.0
@@ -83,10 +88,17 @@ cooldown_steps = 0               # with a target: once reached, this many more s
 eval_interval = 50
 eval_sequences = 512
 eval_kl = False                  # also log KL(reference || model) on every tracked dataset (val_kl/<name>)
+bench_datasets = ""              # costly sets, measured only every bench_interval steps and where the run
+                                 # ends: benchmarks (bench:<name>), any dataset or corpus:<path>; at step 0
+                                 # the model is the init checkpoint, which evaluate.py measures once instead
+bench_interval = 0               # 0 = only where the run ends
+save_interval = 0                # steps between checkpoints (0 = at every evaluation); the last is always
+                                 # saved
 # -- system
 device = "auto"
 compile = False
-dtype = "float32"
+dtype = "float32"                # "bfloat16" autocasts the training step's matmuls
+eval_dtype = "float32"           # and the evaluations' ("bfloat16": 2x faster where the CPU has native bf16)
 seed = 1337
 resume = False                   # continue from out_dir/ckpt.pt (same settings and inputs) instead of
                                  # starting over
@@ -162,7 +174,8 @@ class ReplayStream:
         started = time.time()
         m = self.meta
         fresh = sample_corpus(self.reference, prompt_column(m["prompts"]), m["length"], m["temperature"],
-                              m["top_k"], 1024, m["seed"] + 7919 * self.chunk, self.device, progress=False)
+                              m["top_k"], 1024, m["seed"] + 7919 * self.chunk, self.device, progress=False,
+                              dtype=m.get("dtype", "float32"))
         fresh = fresh.to(self.tokens.dtype)
         self.sample_seconds += time.time() - started
         return fresh
@@ -266,6 +279,9 @@ def check_settings():
                         f"data:<dataset> for real replay)")
     if block_size < 0:
         raise UserError(f"--block_size={block_size} must be >= 0 (0 = the model's)")
+    if eval_dtype not in ("float32", "bfloat16") or min(bench_interval, save_interval) < 0:
+        raise UserError(f"--eval_dtype={eval_dtype!r} must be float32 or bfloat16; --bench_interval and "
+                        "--save_interval >= 0")
 
 
 def main():
@@ -287,13 +303,17 @@ def main():
     # -- data: the new dataset, the old ones the checkpoint was trained on (tracked), mixing, replay
     data_meta = dict(ckpt.get("data", {}))
     new_data = Dataset(dataset)
+    if answers_only and not new_data.masks:
+        raise UserError(f"--answers_only=True needs a chat dataset, whose answers are marked: {new_data.dir} "
+                        "has no loss mask (prepare conversations with data/text/prepare.py)")
     names = list(dict.fromkeys(list(data_meta) + [dataset] + [n for n in eval_datasets.split(",") if n]))
     tracked = {name: new_data if name == dataset else open_eval_set(name) for name in names}
+    costly = {name: open_eval_set(name) for name in bench_datasets.split(",") if name and name not in tracked}
     mix = Dataset(mix_dataset) if mix_fraction > 0 else None
-    for d in [*tracked.values(), *([mix] if mix else [])]:
+    for d in [*tracked.values(), *costly.values(), *([mix] if mix else [])]:
         check_compatible(d.meta, model_config, d.dir, ckpt)
         d.check_length(T)
-    check_short_names(tracked.values())
+    check_short_names([*tracked.values(), *costly.values()])
     # replay draws from its own random stream, so adding replay (even with coeff 0) leaves the
     # sequence of new-data batches unchanged: runs differ only by the regulariser
     replay_rng = np.random.default_rng(seed + 1)
@@ -330,7 +350,8 @@ def main():
     corpus = replay_source if replay != "none" and not replay_source.startswith("data:") else ""
     input_files = {"init_from": [init_from], "replay_source": [corpus] if corpus else
                    dataset_files(replay_source[len("data:"):]) if replay != "none" else [],
-                   "datasets": [f for n in names + ([mix_dataset] if mix else []) for f in dataset_files(n)]}
+                   "datasets": [f for n in names + list(costly) + ([mix_dataset] if mix else [])
+                                for f in dataset_files(n)]}
     inputs = input_fingerprints(input_files)
     rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite,
                                                         [p for paths in input_files.values() for p in paths]))
@@ -355,13 +376,32 @@ def main():
                       "lower --learning_rate or --replay_coeff", is_main)
     reference_logits = {}  # the reference's logits on the fixed validation sequences, computed once
 
+    def target_reached(numbers):
+        """The target this evaluation's numbers reach ("target_val_loss" or "target_accuracy"), or None."""
+        if target_val_loss and numbers[f"val_loss/{new_data.short_name}"] <= target_val_loss:
+            return "target_val_loss"
+        if target_accuracy and numbers.get(f"accuracy/{new_data.short_name}", 0) >= target_accuracy:
+            return "target_accuracy"
+        return None
+
     def evaluate(step, losses):
         record = {"replay_passes": replay_stream.passes if replay_stream else 0, **losses}
         if replay_stream and replay_stream.dataset is None:
             # seconds spent sampling fresh replay inside this run
             record["replay_sample_seconds"] = round(replay_stream.sample_seconds, 3)
-        return log.evaluation(step, record, lambda: log_names(evaluate_sets(
-            model, tracked, T, eval_sequences, dev, reference if eval_kl else None, reference_logits)))
+
+        @torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=eval_dtype == "bfloat16")
+        def measure():
+            numbers = log_names(evaluate_sets(model, tracked, T, eval_sequences, dev,
+                                              reference if eval_kl else None, reference_logits))
+            # does the run end here? (a target reached now starts the cooldown, if there is none)
+            ends = step >= run_end(max_steps, step if target_reached(numbers) and step < cooldown_from
+                                   else cooldown_from, cooldown_steps)
+            if costly and step and (ends or bench_interval and step % bench_interval == 0):
+                numbers.update(log_names(evaluate_sets(model, costly, T, eval_sequences, dev,
+                                                       reference if eval_kl else None, reference_logits)))
+            return numbers
+        return log.evaluation(step, record, measure)
 
     # -- training loop
     step_model = torch.compile(model) if compile else model
@@ -377,14 +417,18 @@ def main():
             group["lr"] = lr_at(step, max_steps, learning_rate, warmup_steps, schedule,
                                 cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
         # every rank draws the same global batches and keeps its own slice
-        x_new = new_data.sample("train", batch_size - n_mix, T, rng)
+        x_new, mask_new = new_data.sample("train", batch_size - n_mix, T, rng, with_mask=True)
+        mask_new = mask_new if answers_only else None
         if mix is not None and n_mix:
             x_new = torch.cat([x_new, mix.sample("train", n_mix, T, rng)])
+            if mask_new is not None:  # mixed-in old rows count whole
+                mask_new = torch.cat([mask_new, torch.ones(n_mix, T, dtype=mask_new.dtype)])
         x_new = shard(x_new, rank, world_size).to(dev)
+        mask_new = None if mask_new is None else shard(mask_new, rank, world_size).to(dev)
         sampled_before = replay_stream.sample_seconds if replay_stream else 0.0
         x_replay = shard(replay_stream.next(n_replay, T), rank, world_size).to(dev) if replay_stream else None
         with autocast:
-            loss, parts = step_objective(x_new, x_replay)
+            loss, parts = step_objective(x_new, x_replay, mask_new)
         if not torch.isfinite(loss):
             log.check({"step": step, "loss": loss.item()}, weights=False)
         loss.backward()
@@ -402,28 +446,29 @@ def main():
             finished = False
             if is_main:
                 record = evaluate(step + 1, parts)  # checked for divergence before it is logged
-                new_loss = record[f"val_loss/{new_data.short_name}"]
-                reached_loss = bool(target_val_loss) and new_loss <= target_val_loss
-                reached_accuracy = (bool(target_accuracy)
-                                    and record.get(f"accuracy/{new_data.short_name}", 0) >= target_accuracy)
-                if (reached_loss or reached_accuracy) and step + 1 < cooldown_from:
-                    stop_reason = "target_val_loss" if reached_loss else "target_accuracy"
+                reached = target_reached(record)
+                if reached and step + 1 < cooldown_from:
+                    stop_reason = reached
                     tqdm.write(f"{stop_reason} on {dataset} reached"
                                + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
                     cooldown_from = step + 1
                 finished = step + 1 >= run_end(max_steps, cooldown_from, cooldown_steps)
                 # replay_passes: the most any replay sequence was seen, in this run or the runs it continues
                 passes = max(replay_stream.passes if replay_stream else 0, ckpt.get("replay_passes", 0))
-                state = train_state(optimizer, rng, cooldown_from if cooldown_from < max_steps else None,
-                                    model=model.state_dict(),
-                                    replay=replay_stream.state() if replay_stream else None)
-                save_checkpoint(ckpt_path, model, state_dict=plain_state_dict(model),
-                                data={**data_meta, dataset: new_data.meta}, config=run_config, step=step + 1,
-                                finished=finished, stop_reason=stop_reason,
-                                reference=os.path.abspath(init_from),
-                                replay_passes=passes, inputs=inputs, train_state=state,
-                                **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
-                log.saved(step + 1)
+                if finished or not save_interval or (step + 1) % save_interval == 0:
+                    # what resuming needs; a finished run is never resumed. The trained weights are
+                    # kept apart from the plain ones only where they differ (LoRA's adapters)
+                    state = None if finished else train_state(
+                        optimizer, rng, cooldown_from if cooldown_from < max_steps else None,
+                        replay=replay_stream.state() if replay_stream else None,
+                        **({"model": model.state_dict()} if lora_rank else {}))
+                    save_checkpoint(ckpt_path, model, state_dict=plain_state_dict(model), step=step + 1,
+                                    data={**data_meta, dataset: new_data.meta}, config=run_config,
+                                    finished=finished, stop_reason=stop_reason,
+                                    reference=os.path.abspath(init_from), replay_passes=passes, inputs=inputs,
+                                    **({"train_state": state} if state else {}),
+                                    **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
+                    log.saved(step + 1)
             cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
             if finished:
                 break

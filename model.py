@@ -193,14 +193,27 @@ class KVCache:
         self.positions = torch.arange(max_length, device=device)
         self.position = None
 
+    def copy_to(self, batch_size, max_length):
+        """A new cache of batch_size rows with room for max_length positions, every row holding this
+        cache's entries (one row: a prompt shared by several continuations, computed once)."""
+        shape = (batch_size, *self.k[0].shape[1:2], max_length, self.k[0].size(-1))
+        copy = KVCache.__new__(KVCache)
+        copy.k = [self.k[0].new_zeros(shape) for _ in self.k]
+        copy.v = [self.v[0].new_zeros(shape) for _ in self.v]
+        for mine, theirs in zip(self.k + self.v, copy.k + copy.v):
+            theirs[:, :, :self.length] = mine[:, :, :self.length]
+        copy.length, copy.position = self.length, None
+        copy.positions = torch.arange(max_length, device=self.positions.device)
+        return copy
+
     def fix_shapes(self):
         self.position = torch.tensor([self.length], device=self.positions.device)
 
     def update(self, layer, k, v):
         """Store new keys/values; returns (keys, values, visible mask or None) to attend over."""
-        if self.position is not None:
-            self.k[layer].index_copy_(2, self.position, k)
-            self.v[layer].index_copy_(2, self.position, v)
+        if self.position is not None:  # (under autocast k and v come in its dtype)
+            self.k[layer].index_copy_(2, self.position, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.position, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer], (self.positions <= self.position).view(1, -1)
         start, end = self.length, self.length + k.size(-2)
         self.k[layer][:, :, start:end] = k
@@ -293,6 +306,12 @@ class GPT(nn.Module):
     def forward(self, idx, cache=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size). With a cache, idx holds only the new
         tokens, which continue the sequence at position cache.length."""
+        return self.unembed(self.hidden(idx, cache))
+
+    def hidden(self, idx, cache=None):
+        """The final (normalised) hidden states (B, T, width), from which unembed gives the logits:
+        scoring needs the logits at a few positions only, and a large vocabulary makes the others
+        costly (SmolLM2's output layer is a fifth of its forward pass)."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -303,7 +322,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += T
-        return self.unembed(self.norm_out(x))
+        return self.norm_out(x)
 
     def decode_step(self, token, cache):
         """Logits (B, V) for one new token per row, token (B, 1), at position cache.position. All
@@ -331,7 +350,10 @@ class GPT(nn.Module):
         total = idx.size(1) + max_new_tokens
         if total > self.config.block_size:
             raise ValueError(f"prompt + new tokens = {total} exceeds block_size={self.config.block_size}")
-        cache = KVCache(self.config, idx.size(0), idx.device, self.embed.weight.dtype, max_length=total)
+        device = idx.device.type  # under autocast (bfloat16 sampling) the cache holds autocast's dtype
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else self.embed.weight.dtype)
+        cache = KVCache(self.config, idx.size(0), idx.device, dtype, max_length=total)
         out = torch.empty(idx.size(0), total, dtype=idx.dtype, device=idx.device)
         out[:, :idx.size(1)] = idx
         logits = self(idx, cache)[:, -1]          # the prompt in one pass

@@ -21,20 +21,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def ntp_loss(logits, tokens):
-    """Next-token prediction: mean cross-entropy of token t+1 under the logits at position t."""
+def ntp_loss(logits, tokens, mask=None):
+    """Next-token prediction: mean cross-entropy of token t+1 under the logits at position t.
+    mask (B, T), optional: only the tokens it marks are predicted (e.g. a chat's answer)."""
     V = logits.size(-1)
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1))
+    if mask is None:
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1))
+    losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1),
+                             reduction="none")
+    return masked_mean(losses, mask)
 
 
-def kl_loss(logits, reference_logits):
+def kl_loss(logits, reference_logits, mask=None):
     """KL(pi || theta) = sum_v pi(v) (log pi(v) - log theta(v)): summed over the vocabulary, averaged
     over positions. pi is the frozen reference (reference_logits), theta the model being trained
     (logits); the direction matters: it asks theta to cover everything pi would say.
-    (F.kl_div with reduction='mean' would also divide by V: wrong.)"""
+    (F.kl_div with reduction='mean' would also divide by V: wrong.) mask: as in ntp_loss."""
     log_theta = F.log_softmax(logits[:, :-1].float(), dim=-1)
     log_pi = F.log_softmax(reference_logits[:, :-1].float(), dim=-1)
-    return (log_pi.exp() * (log_pi - log_theta)).sum(-1).mean()
+    kl = (log_pi.exp() * (log_pi - log_theta)).sum(-1)
+    return kl.mean() if mask is None else masked_mean(kl.reshape(-1), mask)
+
+
+def masked_mean(values, mask):
+    """values: one number per predicted token (B * (T-1)); mask (B, T) marks the tokens that count
+    (position t's number is about token t+1, so the mask's first column is never used)."""
+    keep = mask[:, 1:].reshape(-1).to(values.dtype)
+    return (values * keep).sum() / keep.sum().clamp(min=1)  # a batch without such tokens: 0
 
 
 class Objective(nn.Module):
@@ -43,17 +56,18 @@ class Objective(nn.Module):
 
         NTP(new) + replay_coeff * [KL or NTP](replay) + lwf_coeff * KL(new)
 
-    replay: "kl", "ntp" or "none" (then x_replay is None). The reference is frozen: it runs under
-    no_grad and is never updated. Returns the total and its parts (for the log)."""
+    replay: "kl", "ntp" or "none" (then x_replay is None). mask_new, optional: the new tokens that
+    count (answers only); the replay and LwF terms cover every token. The reference is frozen: it
+    runs under no_grad and is never updated. Returns the total and its parts (for the log)."""
 
     def __init__(self, model, reference, replay="kl", replay_coeff=1.0, lwf_coeff=0.0):
         super().__init__()
         self.model, self.reference = model, reference
         self.replay, self.replay_coeff, self.lwf_coeff = replay, replay_coeff, lwf_coeff
 
-    def forward(self, x_new, x_replay=None):
+    def forward(self, x_new, x_replay=None, mask_new=None):
         logits_new = self.model(x_new)
-        loss_new = ntp_loss(logits_new, x_new)
+        loss_new = ntp_loss(logits_new, x_new, mask_new)  # mask_new: train on a chat's answers only
         total, parts = loss_new, {"loss_new": loss_new}
         if x_replay is not None:
             logits_replay = self.model(x_replay)

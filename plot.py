@@ -36,8 +36,8 @@ old = "add"                     # dataset short names as they appear in the logs
 new = "sort"
 right = ""                      # right panel: "" = zoom on the left one, or another logged metric
                                 # (val_kl/<name>)
-# sweep_*
-results = ""                    # results/sweep_<study>.json
+# sweep_*, capabilities
+results = ""                    # results/sweep_<study>.json, results/released_verilog.json
 
 ARM_TITLES = {"no_replay": "no replay", "replay": "self-generated replay"}
 
@@ -300,15 +300,51 @@ SWEEP_FIGURES = {"sweep_size": sweep_size_figure, "sweep_tpp": sweep_tpp_figure,
                  "sweep_compute": sweep_compute_figure}
 
 
+def capabilities_figure():
+    """The released model finetuned on Verilog (released_verilog.py): MMLU accuracy (left) and KL to
+    the model before finetuning on its own chat answers (right) against the Verilog validation loss,
+    along every run; one colour per method, one line per seed. The study's Figure 9, in shape."""
+    if not os.path.exists(results):
+        raise UserError(f"--results={results!r} not found: run python released_verilog.py first")
+    with open(results) as f:
+        result = json.load(f)
+    if "methods" not in result or "verilog_target" not in result:
+        raise UserError(f"{results} is not the results of released_verilog.py: run it again")
+    headline = result["headline"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (arm, row) in enumerate(result["methods"].items()):
+        for j, r in enumerate(row["runs"]):
+            path = r["trajectory"]
+            scored = [p for p in path if headline in p]
+            label = arm if j == 0 else None
+            axes[0].plot([p["verilog_loss"] for p in scored], [p[headline] for p in scored], marker="o", ms=4,
+                         color=colors[i % len(colors)], alpha=0.8, label=label)
+            axes[1].plot([p["verilog_loss"] for p in path], [p["chat_kl"] for p in path], marker="o", ms=4,
+                         color=colors[i % len(colors)], alpha=0.8, label=label)
+    axes[0].set_ylabel(f"MMLU {headline} ({result['items']} items), higher = kept")
+    axes[1].set_ylabel("KL to the model before finetuning\non its own chat answers, lower = kept")
+    for ax in axes:
+        ax.axvline(result["verilog_target"], color="gray", ls="--", lw=0.8)
+        ax.set_xlabel("Verilog validation loss, training moves right")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0.25, color="gray", ls=":", lw=0.8)
+    axes[0].legend(fontsize=8)
+    return fig
+
+
 def main():
     if figure == "toy_continual":
         fig = toy_continual_figure()
     elif figure == "frontier":
         fig = frontier_figure()
+    elif figure == "capabilities":
+        fig = capabilities_figure()
     elif figure in SWEEP_FIGURES:
         fig = SWEEP_FIGURES[figure](read_results(results))
     else:
-        raise UserError(f"--figure={figure!r} must be toy_continual, frontier or one of "
+        raise UserError(f"--figure={figure!r} must be toy_continual, frontier, capabilities or one of "
                         f"{', '.join(SWEEP_FIGURES)}")
     check_writable(out)
     fig.tight_layout()

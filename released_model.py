@@ -31,7 +31,7 @@ import sys
 import time
 
 from checkpoint import load_checkpoint_dict
-from config import UserError, apply_overrides, run
+from config import UserError, apply_overrides, pick_device, pick_dtype, run
 from evaluate import at_target, time_split
 from files import atomic_write_text, read_jsonl, write_json
 
@@ -53,7 +53,8 @@ eval_interval = 6
 eval_sequences = 24              # validation windows per set (English, Spanish, self-generated)
 sample_batch_size = 256          # sequences sampled at once: at 64 a decode step's matmuls are too small to
                                  # keep 2 CPU cores busy (sampling ran at 0.40x the forward pass's tokens/s)
-dtype = "bfloat16"               # autocast the training step's matmuls (log-softmax stays float32)
+dtype = "auto"                   # bfloat16 autocast for the training step where this machine runs it fast
+                                 # (checked once at start), else float32; log-softmax stays float32
 compile = False
 device = "auto"
 
@@ -62,22 +63,30 @@ GPU_PROFILE = {"block_size": 512, "batch_size": 32, "replay_batch_size": 32, "st
                "compile": True}
 
 METHODS = ("standard", "kl_self", "kl_real", "lora")
-timings = {}
 
 
-def launch(script, args, name):
-    """Run one pipeline script, printing the command. Its wall time is added to timings[name], kept
-    in out_root/timings.json, so an experiment stopped and started again still reports what every
-    stage cost (an interrupted stage counts the time of both its parts)."""
-    command = [sys.executable, script, *[f"--{k}={v}" for k, v in args.items()]]
-    print("+ " + " ".join(command), flush=True)
-    started = time.time()
-    result = subprocess.run(command)
-    timings[name] = timings.get(name, 0.0) + time.time() - started
-    write_json(os.path.join(out_root, "timings.json"), timings)
-    if result.returncode != 0:
-        raise UserError(f"{script} failed ({name}): fix the cause and run released_model.py again; "
-                        f"finished stages are skipped")
+class Stages:
+    """An experiment's pipeline scripts, run one after another, each printed before it runs. The
+    wall time of each is added to timings[name], kept in out_root/timings.json, so an experiment
+    stopped and started again still reports what every stage cost (an interrupted stage counts the
+    time of both its parts). Stages named in `again` run anew every time: only this time counts."""
+
+    def __init__(self, out_root, driver, again=()):
+        self.path, self.driver = os.path.join(out_root, "timings.json"), driver
+        self.timings = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        for name in again:
+            self.timings.pop(name, None)
+
+    def launch(self, script, args, name):
+        command = [sys.executable, script, *[f"--{k}={v}" for k, v in args.items()]]
+        print("+ " + " ".join(command), flush=True)
+        started = time.time()
+        result = subprocess.run(command)
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - started
+        write_json(self.path, self.timings)
+        if result.returncode != 0:
+            raise UserError(f"{script} failed ({name}): fix the cause and run {self.driver} again; "
+                            f"finished stages are skipped")
 
 
 def finished(out_dir):
@@ -91,10 +100,11 @@ def main():
         apply_overrides(globals(), sys.argv[1:])
     elif profile != "cpu":
         raise UserError(f"--profile={profile!r} must be cpu or gpu")
-    timings_path = os.path.join(out_root, "timings.json")
-    timings.update(json.load(open(timings_path)) if os.path.exists(timings_path) else {})
-    for stage in ("evaluate", "plot"):   # these run again every time: count only this time's
-        timings.pop(stage, None)
+    global dtype
+    dtype = pick_dtype(dtype, pick_device(device))
+    print(f"dtype: {dtype} (bfloat16 only where this machine multiplies in it fast)")
+    stages = Stages(out_root, "released_model.py", again=("evaluate", "plot"))
+    launch, timings = stages.launch, stages.timings
     ckpt = os.path.join(model_dir, "ckpt.pt")
     en, es = f"{data_name}/en", f"{data_name}/es"
 

@@ -19,7 +19,10 @@ Released models bring their own byte-level BPE (GPT-2 style: SmolLM2, Llama 3, Q
 and merges come from a GGUF file or a Hugging Face tokenizer.json (convert.py reads both);
 `released_tokenizer` turns them into the same kind of file, which `load` serves through tiktoken.
 tiktoken merges the adjacent pair whose merged token has the lowest id, so this is exact when the
-ids of merged tokens follow the order of the merges (checked on conversion).
+ids of merged tokens follow the order of the merges (checked on conversion). A conversation is
+rendered in the model's own chat format (`render_chat`, `encode_chat`: ChatML or Llama 3's), and
+export.py writes the tokenizer back out as a Hugging Face tokenizer.json or GGUF metadata, its merge
+list recovered from the token ids (`bpe_merges`).
 """
 import base64
 import hashlib
@@ -160,7 +163,8 @@ GGUF_PRE_PATTERNS = {"default": GPT2_PATTERN, "gpt2": GPT2_PATTERN, "smollm": DI
                      "llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
 
 
-def released_tokenizer(path, name, tokens, special_ids, merges, pattern, bos, eos, normalize=None):
+def released_tokenizer(path, name, tokens, special_ids, merges, pattern, bos, eos, normalize=None,
+                       chat_template=None):
     """Write a released model's byte-level BPE as our tokenizer file. tokens: every token's text in
     id order (GPT-2 byte alphabet); special_ids: ids of control tokens (<|im_start|>, ...), kept
     as special tokens; merges: "left right" strings in priority order. Raises ValueError for a
@@ -186,6 +190,8 @@ def released_tokenizer(path, name, tokens, special_ids, merges, pattern, bos, eo
         raise ValueError("two tokens have the same bytes")
     data = {"name": name, "pattern": pattern, "special_tokens": special, "tokens": encoded,
             "bos": bos, "eos": eos, "normalize": normalize}
+    if chat_template:  # the model's own chat format (a Jinja template), as its source stores it
+        data["chat_template"] = chat_template
     atomic_write_text(path, json.dumps(data))
 
 
@@ -214,19 +220,180 @@ def build_text_datasets(out_root, splits, vocab_size, source, tokenizer_path="")
         save(merges, tok_path)
         encoding, normalize, dataset_tokens = load(tok_path), (lambda text: text), DATASET_TOKENS
         print(f"trained BPE with {len(merges)} merges (vocab {encoding.n_vocab}) in {time.time() - t0:.0f}s")
+    for lang, texts in splits.items():
+        ids = {split: encoding.encode_ordinary(normalize(text)) for split, text in texts.items()}
+        write_stream_dataset(os.path.join(out_root, lang), ids, encoding, tok_path,
+                             {"source": source, "language": lang, "dataset_token": dataset_tokens[lang]})
+    return encoding
+
+
+def write_stream_dataset(out_dir, ids, encoding, tok_path, fields, masks=None):
+    """One dataset in the stream layout: out_dir/{split}.bin (token ids) + meta.json.
+    ids: {split: [token id, ...]}; fields: source, language, dataset_token and anything else to record;
+    masks, optional: {split: [0 or 1 per token]}, the tokens that count (a chat's answers), written
+    as out_dir/{split}.mask.bin."""
     n_vocab = encoding.max_token_value + 1
     token_dtype = "uint16" if n_vocab <= 1 << 16 else "uint32"
-    for lang, texts in splits.items():
-        out_dir = os.path.join(out_root, lang)
-        os.makedirs(out_dir, exist_ok=True)
-        meta = {"kind": "text", "source": source, "language": lang, "tokenizer": fingerprint(tok_path),
-                "tokenizer_path": tok_path, "vocab_size": n_vocab, "dataset_token": dataset_tokens[lang],
-                "row_len": None, "token_dtype": token_dtype}
-        for split, text in texts.items():
-            ids = np.array(encoding.encode_ordinary(normalize(text)), dtype=token_dtype)
-            with atomic_path(os.path.join(out_dir, f"{split}.bin")) as tmp:
-                ids.tofile(tmp)
-            meta[f"n_{split}_tokens"] = int(len(ids))
-        atomic_write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2))
-        print(f"{lang}: {meta['n_train_tokens']:,} train tokens, {meta['n_val_tokens']:,} val tokens")
-    return encoding
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"kind": "text", "source": fields["source"], "language": fields["language"],
+            "tokenizer": fingerprint(tok_path), "tokenizer_path": tok_path, "vocab_size": n_vocab,
+            "dataset_token": fields["dataset_token"], "row_len": None, "token_dtype": token_dtype,
+            "loss_mask": masks is not None, **fields}
+    for split, split_ids in ids.items():
+        with atomic_path(os.path.join(out_dir, f"{split}.bin")) as tmp:
+            np.array(split_ids, dtype=token_dtype).tofile(tmp)
+        if masks is not None:
+            with atomic_path(os.path.join(out_dir, f"{split}.mask.bin")) as tmp:
+                np.array(masks[split], dtype=np.uint8).tofile(tmp)
+        meta[f"n_{split}_tokens"] = len(split_ids)
+    atomic_write_text(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=2))
+    print(f"{os.path.basename(out_dir)}: {meta['n_train_tokens']:,} train tokens, "
+          f"{meta['n_val_tokens']:,} val tokens")
+    return meta
+
+
+def released_encoding(tokenizer_path):
+    """(tiktoken.Encoding, normalize, tokenizer file data) of a released model's tokenizer.json."""
+    with open(tokenizer_path) as f:
+        data = json.load(f)
+    if "tokens" not in data:
+        raise ValueError(f"{tokenizer_path} is not a released model's tokenizer (convert.py writes those)")
+    return load(tokenizer_path), normalizer(tokenizer_path), data
+
+
+# ----------------------------------------------------------------------------------------------
+# chat format: how an instruction-tuned model reads a conversation
+
+CHATML_DEFAULT_SYSTEM = re.compile(r"'<\|im_start\|>system\n(.*?)<\|im_end\|>\n'", re.S)
+
+
+def chat_format(template):
+    """Which of the two chat formats read here a model's chat template (a Jinja template, as
+    convert.py copied it from the model) writes: "chatml" (SmolLM2, Qwen) or "llama3" (Llama 3's
+    header format). Raises ValueError for any other."""
+    if template and "<|im_start|>" in template:
+        return "chatml"
+    # Llama 3.1 and later add a system header with a knowledge cutoff and today's date: not read here
+    if template and "<|start_header_id|>" in template and "Cutting Knowledge Date" not in template:
+        return "llama3"
+    raise ValueError("the model's chat template is not one of the two formats read here (ChatML as in "
+                     "SmolLM2 and Qwen, Llama 3's header format)")
+
+
+def special_names(tok):
+    """{id: text} of a tokenizer file's special tokens."""
+    return {i: text for text, i in tok["special_tokens"].items()}
+
+
+def chat_pieces(messages, tok, add_generation_prompt=True):
+    """A conversation [{"role", "content"}, ...] as the text the model was tuned on, in pieces
+    [(text, is_answer)]: is_answer marks an assistant's reply and the token that ends it, the part
+    instruction tuning learns. tok: the tokenizer file's data (its chat_template, special tokens
+    and BOS id).
+    ChatML: every message is <|im_start|>role\ncontent<|im_end|>\n, after the template's default
+    system message when the conversation brings none. Llama 3: BOS, then every message is
+    <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>, its content stripped of
+    surrounding whitespace. The generation prompt opens the assistant's turn."""
+    template = tok.get("chat_template")
+    pieces = []
+    if chat_format(template) == "chatml":
+        default = CHATML_DEFAULT_SYSTEM.search(template)
+        if default and messages and messages[0]["role"] != "system":
+            pieces.append((f"<|im_start|>system\n{default.group(1)}<|im_end|>\n", False))
+        for m in messages:
+            pieces += [(f"<|im_start|>{m['role']}\n", False),
+                       (f"{m['content']}<|im_end|>", m["role"] == "assistant"), ("\n", False)]
+        opening = "<|im_start|>assistant\n"
+    else:
+        bos = special_names(tok).get(tok.get("bos"), "")
+        for i, m in enumerate(messages):
+            pieces += [(f"{bos if i == 0 else ''}<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False),
+                       (f"{m['content'].strip()}<|eot_id|>", m["role"] == "assistant")]
+        opening = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    return pieces + ([(opening, False)] if add_generation_prompt else [])
+
+
+def render_chat(messages, tok, add_generation_prompt=True):
+    """The conversation's text (chat_pieces, joined). Encode it with encoding.encode(text,
+    allowed_special="all")."""
+    return "".join(text for text, _ in chat_pieces(messages, tok, add_generation_prompt))
+
+
+def encode_chat(messages, tok, encoding, normalize=lambda text: text):
+    """(token ids, mask) of a whole conversation: the ids of its rendered text, tokenized whole (as
+    transformers does), and 1 for every token holding a byte of an answer, else 0."""
+    pieces = [(normalize(text), answer) for text, answer in chat_pieces(messages, tok, False)]
+    ids = encoding.encode("".join(text for text, _ in pieces), allowed_special="all")
+    in_answer = np.concatenate([np.full(len(text.encode()), answer) for text, answer in pieces])
+    ends = np.cumsum([len(encoding.decode_single_token_bytes(i)) for i in ids])
+    starts = np.concatenate([[0], ends[:-1]])
+    return ids, [int(in_answer[a:b].any()) for a, b in zip(starts, ends)]
+
+
+# ----------------------------------------------------------------------------------------------
+# back out (export.py): the tokenizer in Hugging Face's and llama.cpp's formats
+
+def bpe_merges(tok):
+    """The merge list of a released byte-level BPE, recovered from its tokens: a token's id is its
+    rank (as tiktoken serves it), and each multi-byte token is the merge of the two parts that BPE,
+    limited to the tokens ranked before it, cuts it into. Raises ValueError for a token that is no
+    such merge."""
+    ranks = {base64.b64decode(t): i for i, t in enumerate(tok["tokens"]) if t is not None}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) > 2:
+            raise ValueError(f"token {rank} is not the merge of two earlier tokens")
+        if len(parts) == 2:
+            merges.append(parts)
+    to_text = byte_alphabet()
+    return ["".join(to_text[b] for b in left) + " " + "".join(to_text[b] for b in right) for left, right in merges]
+
+
+def byte_level_tokens(tok):
+    """Every token's text in id order: a special token's own text, any other's bytes in GPT-2's
+    byte alphabet (what tokenizer.json and GGUF files store)."""
+    to_text, names = byte_alphabet(), special_names(tok)
+    return [names[i] if t is None else "".join(to_text[b] for b in base64.b64decode(t))
+            for i, t in enumerate(tok["tokens"])]
+
+
+def hf_tokenizer_json(tok):
+    """A Hugging Face tokenizer.json serving the same ids as ours: byte-level BPE, our pre-tokenizer
+    pattern as one Split regex, special tokens as added tokens. ignore_merges: a chunk that is a
+    token whole is that token, as tiktoken does. No post-processor: BOS is not added on its own."""
+    tokens, names = byte_level_tokens(tok), special_names(tok)
+    added = [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, text in sorted(names.items())]
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "NFC"} if tok.get("normalize") == "NFC" else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok["pattern"]}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": True, "vocab": {t: i for i, t in enumerate(tokens)},
+                      "merges": bpe_merges(tok)}}
+
+
+def gguf_vocabulary(tok):
+    """(tokens, token types, merges) as a GGUF stores them: type 3 (control) for special tokens,
+    1 (normal) for the others."""
+    names = special_names(tok)
+    return byte_level_tokens(tok), [3 if i in names else 1 for i in range(len(tok["tokens"]))], bpe_merges(tok)
+
+
+def gguf_pre_name(pattern):
+    """The tokenizer.ggml.pre name llama.cpp knows our pre-tokenizer pattern by."""
+    for name in ("smollm", "llama-bpe", "qwen2", "gpt2"):
+        if GGUF_PRE_PATTERNS[name] == pattern:
+            return name
+    raise ValueError("the tokenizer's pre-tokenizer has no GGUF name (llama.cpp knows "
+                     f"{', '.join(GGUF_PRE_PATTERNS)})")

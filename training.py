@@ -78,7 +78,8 @@ class TrainingLog:
         self.check(record)
         append_jsonl(self.path, record)
         if step:  # shown between the progress bar's updates
-            tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if "/" in k))
+            tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items()
+                                                 if "/" in k and isinstance(v, float)))
         return record
 
     def check(self, record, weights=True):

@@ -28,6 +28,21 @@ def run_script(name, **overrides):
     return module
 
 
+def run_command(line):
+    """Run a command line as the README writes it ("python data/text/prepare.py --key=value ..."):
+    the script's module in-process, its constants overridden by the --key=value arguments."""
+    from config import apply_overrides
+    words = line.split()
+    assert words[0] == "python" and words[1].endswith(".py"), line
+    module = importlib.reload(importlib.import_module(words[1][:-3].replace("/", ".")))
+    apply_overrides(vars(module), words[2:])
+    try:
+        module.main()
+    finally:
+        release_locks()
+    return module
+
+
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """The four toy tasks, small: returns {task: absolute dataset path}."""

@@ -85,3 +85,20 @@ def test_objective_matches_a_float64_computation_of_every_term():
         assert reference.table.grad is None  # the frozen model never gets a gradient
         assert set(parts) == {"loss_new"} | ({"loss_replay"} if replay_batch is not None else set()) \
             | ({"loss_lwf"} if lwf_coeff else set())
+
+
+def test_a_mask_restricts_both_terms_to_the_tokens_it_marks():
+    """A chat's answer: only the marked tokens are predicted (NTP) or matched (KL); float64 by hand."""
+    from objective import ntp_loss
+    torch.manual_seed(1)
+    logits, reference_logits = torch.randn(2, 6, 9), torch.randn(2, 6, 9)
+    tokens = torch.randint(0, 9, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    log_theta, log_pi = torch.log_softmax(logits.double(), -1), torch.log_softmax(reference_logits.double(), -1)
+    marked = [(b, t) for b in range(2) for t in range(5) if mask[b, t + 1]]  # position t predicts token t + 1
+    ntp = torch.stack([-log_theta[b, t, tokens[b, t + 1]] for b, t in marked]).mean()
+    kl = torch.stack([(log_pi[b, t].exp() * (log_pi[b, t] - log_theta[b, t])).sum() for b, t in marked]).mean()
+    assert abs(ntp_loss(logits, tokens, mask).item() - ntp.item()) < 1e-5
+    assert abs(kl_loss(logits, reference_logits, mask).item() - kl.item()) < 1e-5
+    everything = torch.ones_like(mask)
+    assert abs(ntp_loss(logits, tokens, everything).item() - ntp_loss(logits, tokens).item()) < 1e-6

@@ -113,13 +113,15 @@ def llama_cpp_permute(w, n_heads):
 GGUF_DIMS = dict(width=64, depth=2, n_heads=4, n_kv=2, head_dim=16, mlp_width=96)
 
 
-def write_gguf(path, w, arch="llama", embed_type="Q8_0", pre="smollm", extra_tensor=None):
+def write_gguf(path, w, arch="llama", embed_type="Q8_0", pre="smollm", extra_tensor=None, chat_template=None,
+               context_length=64):
     """A tiny Llama in llama.cpp's layout: permuted q/k rows, reversed shapes (done by the writer),
-    the token embedding quantised; the tokenizer above. Returns the weights as the file holds them."""
+    the token embedding quantised; the tokenizer above (and a chat template, if given). Returns the
+    weights as the file holds them."""
     dims = GGUF_DIMS
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(dims["depth"])
-    writer.add_context_length(64)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(dims["width"])
     writer.add_feed_forward_length(dims["mlp_width"])
     writer.add_head_count(dims["n_heads"])
@@ -133,6 +135,8 @@ def write_gguf(path, w, arch="llama", embed_type="Q8_0", pre="smollm", extra_ten
     writer.add_token_merges(MERGES)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     quantized = gguf.GGMLQuantizationType[embed_type]
     stored = gguf.quants.dequantize(gguf.quants.quantize(w["embed"].numpy(), quantized), quantized)
     writer.add_tensor("token_embd.weight", gguf.quants.quantize(w["embed"].numpy(), quantized), raw_dtype=quantized)
