@@ -40,8 +40,18 @@ def load_checkpoint_dict(path, device="cpu"):
 def load_checkpoint(path, device="cpu"):
     """Returns (model, checkpoint dict)."""
     ckpt = load_checkpoint_dict(path, device)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    bad = [k for k, v in ckpt["model"].items() if torch.is_tensor(v) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"checkpoint {path} holds NaN or infinite weights ({bad[0]}): it comes from a diverged or "
+                        "damaged run; use an earlier checkpoint or re-create it")
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:160]
+        raise UserError(f"checkpoint {path}: its weights do not fit its model_config ({reason}): it is damaged; "
+                        "re-create it") from None
     return model.to(device), ckpt
 
 

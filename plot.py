@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
 from config import UserError, run
-from files import atomic_path, check_writable, read_jsonl
+from files import atomic_path, check_writable, read_jsonl, refuse_inputs
 
 figure = "toy_continual"        # "toy_continual" or "frontier"
 out = "results/toy_continual.png"
@@ -346,6 +346,7 @@ def main():
     else:
         raise UserError(f"--figure={figure!r} must be toy_continual, frontier, capabilities or one of "
                         f"{', '.join(SWEEP_FIGURES)}")
+    refuse_inputs(out, [p.split("=", 1)[-1] for p in f"{runs},{results}".split(",") if p], "--out")
     check_writable(out)
     fig.tight_layout()
     with atomic_path(out, suffix=".png") as tmp:  # savefig picks the format by the ending

@@ -21,7 +21,7 @@ import torch
 from checkpoint import load_checkpoint
 from config import UserError, pick_device, run, set_seed
 from dataset import known_tokenizers
-from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries
+from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries, same_path
 from progress import progress_bar
 
 init_from = "out/pretrain_add/ckpt.pt"
@@ -160,7 +160,7 @@ def main():
     set_seed(seed)
     if not out or out == "None" or os.path.isdir(out):
         raise UserError(f"--out={out!r} must name the corpus file to write, e.g. --out=out/replay.pt")
-    if os.path.abspath(out) == os.path.abspath(init_from):
+    if same_path(out, init_from):
         raise UserError(f"--out={out} is the checkpoint sampled from: choose another file")
     model, ckpt = load_checkpoint(init_from, dev)
     model.eval()

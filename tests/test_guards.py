@@ -83,6 +83,12 @@ def world(toy_data, tmp_path_factory):
     torch.save(ckpt, w / "changed_ckpt.pt")
     ckpt["data"] = {paths["other_tokenizer"]: json.load(open(os.path.join(paths["other_tokenizer"], "meta.json")))}
     torch.save(ckpt, w / "other_tokenizer_ckpt.pt")
+    ckpt = torch.load(w / "pre" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["unembed.weight"][0, 0] = float("nan")   # a diverged run's weights
+    torch.save(ckpt, w / "nan_ckpt.pt")
+    del ckpt["model"]["unembed.weight"]                    # weights that do not fit the model_config
+    torch.save(ckpt, w / "mismatch_ckpt.pt")
+    os.symlink(w / "pre", w / "pre_link")                  # another path to the pretraining run
     (w / "logs").mkdir()
     (w / "logs" / "empty.jsonl").write_text("")
     (w / "empty.json").write_text("{}")
@@ -107,6 +113,25 @@ def cases(t, w):
         ("fresh finetuning over a finished run", [*finetune, f"--out_dir={ft}"], "already holds a run"),
         ("sampling over an existing corpus", [*sample[:-1], f"--out={corpus}"], "already exists"),
         ("sampling over the checkpoint itself", [*sample[:-1], f"--out={pre}"], "checkpoint sampled from"),
+        # ... also through a symlink, and never with an offer to overwrite an input
+        ("finetune into a symlink to init_from's folder", [*finetune, f"--out_dir={w['w']}/pre_link",
+                                                           "--overwrite=True"], "holds the input"),
+        ("sampling over the checkpoint through a symlink", [*sample[:-1], f"--out={w['w']}/pre_link/ckpt.pt",
+                                                             "--overwrite=True"], "checkpoint sampled from"),
+        ("evaluate --out_json onto its checkpoint", [*evaluate[:3], f"--out_json={w['w']}/pre_link/ckpt.pt"],
+         "is the input"),
+        ("evaluate --out_md onto a dataset file", [*evaluate, f"--datasets={t['add']}",
+                                                   f"--out_md={t['add']}/meta.json"], "is the input"),
+        ("plot --out onto its input log", ["plot.py", "--figure=frontier", f"--runs=a={ft}/log.jsonl",
+                                           f"--out={ft}/log.jsonl"], "is the input"),
+        # 2. checkpoints that are damaged, named as such
+        ("finetune from NaN weights", [*finetune, fresh, f"--init_from={w['w']}/nan_ckpt.pt"], "NaN or infinite"),
+        ("sample from NaN weights", [sample[0], f"--init_from={w['w']}/nan_ckpt.pt", *sample[2:]],
+         "NaN or infinite"),
+        ("evaluate NaN weights", [evaluate[0], f"--checkpoints={w['w']}/nan_ckpt.pt", *evaluate[2:]],
+         "NaN or infinite"),
+        ("weights that do not fit model_config", [*finetune, fresh, f"--init_from={w['w']}/mismatch_ckpt.pt"],
+         "do not fit its model_config"),
         # 3. a resume must find the inputs it started with
         ("resume with another init_from", [*finetune, f"--out_dir={ft}", "--resume=True", "--max_steps=6",
                                             "--eval_interval=3", "--batch_size=16", "--warmup_steps=2", "--replay=kl",

@@ -5,6 +5,7 @@ QK-norm) through KV-cache decoding and LoRA; the pipeline on a converted model; 
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -431,3 +432,24 @@ def test_download_offline_fails_with_one_clear_line(tmp_path):
     result = script("download_hf.py", "--base_url=http://127.0.0.1:9", f"--out_dir={tmp_path / 'hf'}")
     assert result.returncode == 2 and "needs internet" in result.stderr.strip().splitlines()[-1]
     assert not [f for f in os.listdir(tmp_path / "hf")]   # nothing half-written
+
+
+def test_convert_never_writes_over_a_checkpoint_or_into_its_source_and_replaces_both_files_together(tiny_gguf,
+                                                                                                  tmp_path):
+    root, _ = tiny_gguf
+    gguf_file = root / "tiny.gguf"
+    shutil.copytree(root / "model", tmp_path / "model")
+    (tmp_path / "model" / "log.jsonl").write_text('{"step": 0}\n')   # as if a run lived there
+    os.symlink(root, tmp_path / "source_link")
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "model").iterdir())}
+    for out_dir, words in ((tmp_path / "model", "already holds a checkpoint or run (ckpt.pt, log.jsonl)"),
+                           (root, "is the folder of the model converted"),
+                           (tmp_path / "source_link", "is the folder of the model converted")):
+        result = script("convert.py", f"--source={gguf_file}", f"--out_dir={out_dir}")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr[-1500:]
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "model").iterdir())} == before
+    assert sorted(os.listdir(root)) == ["model", "tiny.gguf"]
+    replaced = script("convert.py", f"--source={gguf_file}", f"--out_dir={tmp_path / 'model'}", "--overwrite=True")
+    assert replaced.returncode == 0, replaced.stderr[-1500:]
+    assert sorted(os.listdir(tmp_path / "model")) == ["ckpt.pt", "tokenizer.json"]   # the old run's log went too

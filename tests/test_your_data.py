@@ -181,7 +181,7 @@ def recipe(chat_model, tmp_path_factory):
                            {"role": "assistant", "content": words(rng, 20)}]} for _ in range(40)]
     (root / "my_chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     (root / "mmlu.jsonl").write_text(mmlu_lines(4))
-    model = chat_model / "model"
+    model = root / "model"
     tiny = {  # per script: the test's paths and sizes, after the README's own arguments
         "convert.py": f"--source={chat_model / 'tiny.gguf'} --out_dir={model}",
         "data/text/prepare.py": f"--source={root / 'my_chats.jsonl'} --tokenizer={model / 'tokenizer.json'} "
@@ -308,11 +308,15 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", f"--tokenizer={other / 'tokenizer.json'}"],
          "not one of the two formats read here"),
         (["data/text/prepare.py", f"--source={tmp_path / 'nothing*.txt'}", tok], "names no file"),
+        (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", tok, f"--out={recipe / 'mine'}"],
+         "already holds a dataset"),
     ]
+    prepared = {p: p.read_bytes() for p in sorted((recipe / "mine").iterdir())}
     for argv, message in cases:
-        result = script(*argv, f"--out={out}")
+        result = script(*argv, *([] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]))
         one_line_exit_2(result, message)
         assert not out.exists(), argv
+    assert {p: p.read_bytes() for p in sorted((recipe / "mine").iterdir())} == prepared
     existing = recipe / "export"
     before = {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(existing) for f in fs}
     one_line_exit_2(script("export.py", f"--checkpoint={recipe / 'finetuned' / 'ckpt.pt'}", f"--out_dir={existing}"),

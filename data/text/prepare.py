@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import tokenizer as bpe
 from config import UserError, run
 from dataset import DATA_DIR
+from files import check_writable, refuse_inputs
 
 source = ""                              # a file, a folder or a glob (quote it in the shell)
 tokenizer = "out/smollm2/tokenizer.json"  # the model's tokenizer (convert.py writes it)
@@ -40,6 +41,7 @@ field = "text"                           # .jsonl: the field holding a document'
 messages_field = "messages"              # .jsonl: the field holding a conversation
 val_fraction = 0.1                       # of the documents (after de-duplication)
 seed = 1337
+overwrite = False                        # replace a dataset already at --out
 ROLES = ("system", "user", "assistant")
 
 
@@ -138,8 +140,17 @@ def main():
         raise UserError(f"{e}: pass --tokenizer=<convert.py's out_dir>/tokenizer.json") from None
     out_dir = out if os.path.isabs(out) or out.startswith(".") else os.path.join(DATA_DIR, out)
 
-    # -- read and check everything before anything is written
-    documents = read_documents(source_files())
+    # -- read and check everything before anything is written: the output too (never over another
+    # dataset unless asked, never over a file it reads, writable)
+    paths = source_files()
+    if os.path.exists(os.path.join(out_dir, "meta.json")) and not overwrite:
+        raise UserError(f"{out_dir} already holds a dataset: choose another --out, or replace it with "
+                        "--overwrite=True")
+    outputs = [os.path.join(out_dir, f"{name}.bin") for name in ("train", "val", "train.mask", "val.mask")]
+    for output in outputs + [os.path.join(out_dir, "meta.json")]:
+        refuse_inputs(output, paths, "--out")
+    check_writable(outputs[0])
+    documents = read_documents(paths)
     chat = isinstance(documents[0][1], list)
     if chat:
         try:
