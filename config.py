@@ -4,6 +4,7 @@ checked before any work starts; the device and seed they name. Bad input is a Us
 as one line with its fix and exit code 2, never as a traceback.
 """
 import ast
+import os
 import sys
 
 import numpy as np
@@ -87,6 +88,11 @@ def set_seed(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
     return np.random.default_rng(seed)
+
+
+def memory_bytes():
+    """This machine's physical memory (what a size estimate is checked against)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def pick_device(device):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import tokenizer as bpe
-from config import UserError, run
+from config import UserError, memory_bytes, run
 from files import atomic_path, check_writable, claim_out_dir, remove_stale_temporaries, same_path
 from model import GPT, GPTConfig, count_parameters
 
@@ -302,6 +302,11 @@ def main():
     config_fields, weights, tok = read_hf_folder(path) if os.path.isdir(path) else read_gguf(path)
     if block_size:
         config_fields["block_size"] = block_size
+    rope_table = config_fields["block_size"] * config_fields["head_dim"] * 4 * 2  # cos and sin, float32
+    if rope_table > memory_bytes() // 4:
+        raise UserError(f"{path} declares a context of {config_fields['block_size']:,} tokens, whose position "
+                        f"table alone needs {rope_table / 2**30:,.1f} GiB: pass --block_size= the longest sequence "
+                        "you will use (e.g. 4096)")
     config = GPTConfig(**config_fields)
     model = GPT(config)
     expected = model.state_dict()

@@ -41,6 +41,9 @@ class Dataset:
             problem = (f"has no {e}" if isinstance(e, KeyError)
                        else f"is not a valid meta.json ({type(e).__name__})")
             raise UserError(f"{meta_path} {problem}: {redo}") from None
+        if not 0 <= self.dataset_token < vocab_size:
+            raise UserError(f"{meta_path}: dataset_token {self.dataset_token} is outside the vocabulary "
+                            f"0..{vocab_size - 1}: {redo}")
         self.splits = {}
         for split in ("train", "val"):
             path = os.path.join(self.dir, f"{split}.bin")
@@ -209,8 +212,10 @@ def load_corpus(path, with_mask=False):
     if tokens.size(1) < 2:
         raise UserError(f"replay corpus {path} holds sequences of {tokens.size(1)} token: training needs at "
                         "least 2 (a prompt and a next token); re-sample it with --length=2 or more")
-    vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
-    if vocab_size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise UserError(f"replay corpus {path} has no metadata with its vocab_size: re-sample it")
+    vocab_size = meta["vocab_size"]
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
         raise UserError(f"replay corpus {path} holds token ids outside 0..{vocab_size - 1}: re-sample it")
     if with_mask:
         mask = corpus.get("mask")

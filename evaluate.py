@@ -341,6 +341,9 @@ def main():
     data = [open_eval_set(n) for n in names]
     check_short_names(data)
     for path, ckpt in [(reference, ref_ckpt), *ckpts.items()]:
+        if ckpt is not None and block_size > ckpt["model_config"]["block_size"]:
+            raise UserError(f"--block_size={block_size} is longer than the {ckpt['model_config']['block_size']} "
+                            f"tokens {path} was built for: pass at most that (0 = the model's)")
         for d in data if ckpt is not None else []:  # every model must read every dataset's tokens
             check_compatible(d.meta, ckpt["model_config"], f"{d.dir} (for {path})", ckpt)
             d.check_length(block_size or ckpt["model_config"]["block_size"])

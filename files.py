@@ -6,9 +6,11 @@ half of one), and inputs fingerprinted by content so a resumed run can check the
 """
 import atexit
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -31,32 +33,41 @@ def _start_time(pid):
 
 
 class Lock:
-    """An exclusive lock on an output (a run's folder, or a corpus file): a file created with O_EXCL
-    that names its process. A lock whose process is gone (killed with -9) is stale and taken over."""
+    """An exclusive lock on an output (a run's folder, or a corpus file): a file that names its
+    process, held with the kernel's flock. The kernel lets go when the process ends, however it
+    ends, so a lock left by a killed process is free to take, and two processes can never both
+    take it (no check-then-remove race). Taking it also checks that the file locked is still the
+    one at `path` (a releasing holder removes it)."""
 
     def __init__(self, path, what):
-        self.path, self.what, self.held = path, what, False
+        self.path, self.what, self.held, self.fd = path, what, False, None
         check_writable(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
-        for _ in range(3):
+        for _ in range(10):
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self.holder()
-                if holder is None:  # stale: its process is gone
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                    continue
-                raise UserError(f"{what} is in use by process {holder.get('pid')} on {holder.get('host')}: "
-                                "wait for it to finish or choose another output; if no such run is going, "
-                                f"delete {path}")
+                fd = os.open(path, os.O_CREAT | os.O_RDWR)
             except OSError as e:
                 raise UserError(f"cannot write to {what} ({e.strerror}): choose a "
                                 "writable output location") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self.holder() or {"pid": "?", "host": "?"}
+                raise UserError(f"{what} is in use by process {holder.get('pid')} on {holder.get('host')}: "
+                                "wait for it to finish or choose another output; if no such run is going, "
+                                f"delete {path}")
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # removed by the holder releasing it after we opened it: take the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+            self.fd, self.held = fd, True
             HELD_LOCKS.append(self)
             return
         raise UserError(f"could not lock {what}: delete {path} if no run is using it")
@@ -85,10 +96,11 @@ class Lock:
         return None if started is not None and _start_time(pid) != started else holder
 
     def release(self):
-        if self.held:
+        if self.held:  # removed while still held, so a process that opened it sees it go (above)
             self.held = False
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
+            os.close(self.fd)
 
 
 HELD_LOCKS = []
@@ -103,11 +115,26 @@ def release_locks():
 
 def remove_stale_temporaries(path):
     """Temporary files of atomic writes (<path>.tmp<pid>, or <path><suffix>.tmp<pid>) left by a killed
-    process. Called while holding the output's lock, so none of them can belong to a live writer."""
+    process: only those whose process is gone (another output's name can start with this one's, and
+    its writer may be alive)."""
     folder, name = os.path.split(os.path.abspath(path))
     for entry in os.listdir(folder) if os.path.isdir(folder) else []:
-        if entry.startswith(name) and ".tmp" in entry[len(name):]:
-            os.remove(os.path.join(folder, entry))
+        found = re.fullmatch(re.escape(name) + r"(\.[\w-]+)?\.tmp(\d+)(\.\w+)?", entry)
+        if found and not process_alive(int(found.group(2))):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, entry))
+
+
+def process_alive(pid):
+    if pid == os.getpid():
+        return False  # left by an earlier write in this same process (scripts run one at a time in it)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def same_path(a, b):

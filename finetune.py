@@ -355,7 +355,8 @@ def main():
     inputs = input_fingerprints(input_files)
     rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite,
                                                         [p for paths in input_files.values() for p in paths]))
-    saved = (resume_run(ckpt_path, run_config, inputs, model, optimizer, rng, ("init_from", "replay_source"))
+    saved = (resume_run(ckpt_path, run_config, inputs, model, optimizer, rng,
+                        ("init_from", "replay_source", "dataset", "eval_datasets", "mix_dataset", "bench_datasets"))
              if resume else None)
     if saved and saved.get("finished"):
         print(f"{ckpt_path} is a finished run ({saved['step']} steps): nothing to do")

@@ -151,7 +151,8 @@ def main():
     input_files = [f for d in data + extra for f in dataset_files(d.name)]
     inputs = input_fingerprints({"datasets": input_files})
     rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite, input_files))
-    saved = resume_run(ckpt_path, run_config, inputs, model, optimizer, rng) if resume else None
+    saved = (resume_run(ckpt_path, run_config, inputs, model, optimizer, rng, ("datasets", "eval_datasets"))
+             if resume else None)
     if saved and saved.get("finished"):
         print(f"{ckpt_path} is a finished run ({saved['step']} steps): nothing to do")
         return

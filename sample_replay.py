@@ -19,7 +19,7 @@ import time
 import torch
 
 from checkpoint import load_checkpoint
-from config import UserError, pick_device, run, set_seed
+from config import UserError, memory_bytes, pick_device, run, set_seed
 from dataset import known_tokenizers
 from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries, same_path
 from progress import progress_bar
@@ -179,6 +179,15 @@ def main():
         raise UserError(f"--dtype={dtype!r} must be float32 or bfloat16")
     if top_k < 0:
         raise UserError(f"--top_k={top_k} must be >= 0 (0 = no truncation, what replay wants)")
+    # the corpus and one batch's KV cache and logits must fit in memory: estimated before the work
+    c = model.config
+    needed = (num_samples * T * 8 * 2                                           # tokens (+ mask), int64
+              + 2 * c.depth * min(batch_size, num_samples) * T * c.n_kv_heads * c.head_dim * 4  # KV cache
+              + min(batch_size, num_samples) * c.vocab_size * 4 * 4)             # a step's logits and softmax
+    if needed > memory_bytes():
+        raise UserError(f"--num_samples={num_samples} x --length={T} with --batch_size={batch_size} needs about "
+                        f"{needed / 2**30:,.1f} GiB, more than this machine's {memory_bytes() / 2**30:.1f} GiB: "
+                        "sample fewer or shorter sequences, or in smaller batches")
     # one sampler per corpus at a time, and an existing corpus is replaced only when asked
     lock = Lock(out + ".lock", f"--out={out}")
     remove_stale_temporaries(out)

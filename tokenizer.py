@@ -254,10 +254,14 @@ def write_stream_dataset(out_dir, ids, encoding, tok_path, fields, masks=None):
 
 def released_encoding(tokenizer_path):
     """(tiktoken.Encoding, normalize, tokenizer file data) of a released model's tokenizer.json."""
-    with open(tokenizer_path) as f:
-        data = json.load(f)
-    if "tokens" not in data:
-        raise ValueError(f"{tokenizer_path} is not a released model's tokenizer (convert.py writes those)")
+    try:
+        with open(tokenizer_path) as f:
+            data = json.load(f)
+    except ValueError:
+        raise ValueError(f"{tokenizer_path} is not JSON (damaged?): run convert.py again") from None
+    if not isinstance(data, dict) or "tokens" not in data or not {"bos", "eos", "pattern"} <= set(data):
+        raise ValueError(f"{tokenizer_path} is not a released model's tokenizer with its bos, eos and pattern "
+                         "(convert.py writes those)")
     return load(tokenizer_path), normalizer(tokenizer_path), data
 
 

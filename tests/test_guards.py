@@ -74,6 +74,7 @@ def world(toy_data, tmp_path_factory):
         "short_stream": dataset("short_stream", {"row_len": None}, train=rows[:10].tobytes()),
         "other_tokenizer": dataset("other_tokenizer", {"tokenizer": "another-tokenizer"}),
         "twin/add": dataset("twin/add"),  # the same short name as the toy add task
+        "token_outside": dataset("token_outside", {"dataset_token": 999}),
     }
     corpus = torch.load(w / "replay.pt", weights_only=True)
     for name, tokens in (("one_token", corpus["tokens"][:, :1]), ("bad_ids", corpus["tokens"].clone().fill_(99))):
@@ -89,6 +90,7 @@ def world(toy_data, tmp_path_factory):
     del ckpt["model"]["unembed.weight"]                    # weights that do not fit the model_config
     torch.save(ckpt, w / "mismatch_ckpt.pt")
     os.symlink(w / "pre", w / "pre_link")                  # another path to the pretraining run
+    torch.save({"tokens": corpus["tokens"], "meta": ["not", "a", "dict"]}, w / "corpus_no_meta.pt")
     (w / "logs").mkdir()
     (w / "logs" / "empty.jsonl").write_text("")
     (w / "empty.json").write_text("{}")
@@ -132,6 +134,15 @@ def cases(t, w):
          "NaN or infinite"),
         ("weights that do not fit model_config", [*finetune, fresh, f"--init_from={w['w']}/mismatch_ckpt.pt"],
          "do not fit its model_config"),
+        # 3. sizes that cannot fit, refused before anything is allocated
+        ("sampling 10**12 sequences", [*sample, "--num_samples=1000000000000"], "more than this machine's"),
+        # 5. one line, not a traceback
+        ("a corpus whose meta is not a dict", [*finetune, fresh, "--replay=kl",
+                                               f"--replay_source={w['w']}/corpus_no_meta.pt"], "no metadata"),
+        ("dataset_token outside the vocabulary", [*pretrain, fresh, f"--datasets={w['token_outside']}"],
+         "outside the vocabulary"),
+        ("evaluate --block_size above the model's", [*evaluate, f"--datasets={t['add']}", "--block_size=4096"],
+         "is longer than"),
         # 3. a resume must find the inputs it started with
         ("resume with another init_from", [*finetune, f"--out_dir={ft}", "--resume=True", "--max_steps=6",
                                             "--eval_interval=3", "--batch_size=16", "--warmup_steps=2", "--replay=kl",
@@ -225,9 +236,61 @@ def test_two_runs_on_one_folder_the_second_is_refused_and_a_stale_lock_is_taken_
     assert not (tmp_path / "run" / ".lock").exists()  # released at the end
 
 
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_processes(tmp_path):
+    """Eight processes at once on a lock left by a killed run, twenty times: one wins each time."""
+    import multiprocessing
+    import socket
+    from config import UserError
+    from files import Lock
+    context = multiprocessing.get_context("fork")
+    for round in range(20):
+        path = tmp_path / f"{round}.lock"
+        path.write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname()}))   # no such process
+        start, done, wins = context.Barrier(8), context.Barrier(8), context.Array("i", 8)
+
+        def contend(i):
+            start.wait()
+            try:
+                Lock(str(path), "test")
+                wins[i] = 1
+            except UserError:
+                pass
+            done.wait()   # every winner holds its lock until all have tried
+            os._exit(0)
+        processes = [context.Process(target=contend, args=(i,)) for i in range(8)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(30)
+        assert sum(wins) == 1, round
+
+
+def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):
+    from files import remove_stale_temporaries
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "replay.pt"
+        names = {"live": f"replay.pt.tmp{alive.pid}", "dead": "replay.pt.tmp4194305",
+                 "dead_partial": "replay.pt.partial.tmp4194305", "other_output": "replay.pt2.tmp4194305"}
+        for name in names.values():
+            (tmp_path / name).write_text("x")
+        remove_stale_temporaries(str(out))
+        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], names["other_output"]])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_a_resume_accepts_moved_identical_inputs_and_refuses_changed_ones(world, toy_data, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(world["pre"], moved)
+    copied = tmp_path / "elsewhere" / "sort"   # the same dataset, named by another path
+    shutil.copytree(toy_data["sort"], copied)
+    same_data = script("finetune.py", f"--init_from={moved}/ckpt.pt", f"--replay_source={world['replay']}",
+                       "--dataset=" + str(copied), "--device=cpu", "--max_steps=6", "--eval_interval=3",
+                       "--eval_sequences=16", "--batch_size=16", "--warmup_steps=2", "--replay=kl",
+                       "--replay_batch_size=8", "--resume=True", f"--out_dir={world['ft']}")
+    assert same_data.returncode == 0 and "nothing to do" in same_data.stdout, same_data.stderr[-1500:]
     args = [f"--dataset={toy_data['sort']}", "--device=cpu", "--max_steps=6", "--eval_interval=3",
             "--eval_sequences=16", "--batch_size=16", "--warmup_steps=2", "--replay=kl", "--replay_batch_size=8",
             "--resume=True", f"--out_dir={world['ft']}"]

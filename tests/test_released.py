@@ -392,6 +392,7 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
     whole = (root / "tiny.gguf").read_bytes()
     (tmp_path / "truncated.gguf").write_bytes(whole[:len(whole) // 2])
     write_gguf(str(tmp_path / "unknown_pre.gguf"), w, pre="some-new-model")
+    write_gguf(str(tmp_path / "huge_context.gguf"), w, context_length=2 ** 32 - 1)
     hf_config = {"architectures": ["LlamaForCausalLM"], "vocab_size": len(TOKENS), "max_position_embeddings": 64,
                  "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "intermediate_size": 96, "rms_norm_eps": 1e-5}
@@ -409,6 +410,7 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
         (["convert.py", f"--source={tmp_path / 'q2k.gguf'}"], "Q2_K, which is not supported"),
         (["convert.py", f"--source={tmp_path / 'truncated.gguf'}"], "not a readable GGUF file"),
         (["convert.py", f"--source={tmp_path / 'unknown_pre.gguf'}"], "pre-tokenizer 'some-new-model'"),
+        (["convert.py", f"--source={tmp_path / 'huge_context.gguf'}"], "declares a context of 4,294,967,295"),
         (["convert.py", f"--source={tmp_path / 'missing.gguf'}"], "not found"),
         (["convert.py", f"--source={tmp_path}"], "lacks config.json"),
         (["convert.py", f"--source={tmp_path / 'hf'}"], "is truncated"),

@@ -296,6 +296,7 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
     other.mkdir()
     data = json.load(open(chat_model / "model" / "tokenizer.json"))
     (other / "tokenizer.json").write_text(json.dumps({**data, "chat_template": "{{ bos_token }}[INST]"}))
+    (tmp_path / "broken_tokenizer.json").write_text("{not json")
     (tmp_path / "ok.jsonl").write_text(chat(("user", "ab"), ("assistant", "cd")) + chat(("user", "c"),
                                                                                    ("assistant", "d")))
     out = tmp_path / "out"
@@ -308,6 +309,8 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", f"--tokenizer={other / 'tokenizer.json'}"],
          "not one of the two formats read here"),
         (["data/text/prepare.py", f"--source={tmp_path / 'nothing*.txt'}", tok], "names no file"),
+        (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", f"--tokenizer={tmp_path / 'broken_tokenizer.json'}"],
+         "is not JSON"),
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", tok, f"--out={recipe / 'mine'}"],
          "already holds a dataset"),
     ]
