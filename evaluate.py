@@ -57,6 +57,13 @@ match = ""                                       # key=target, e.g. val_loss/es=
 LOG_NAMES = {"loss": "val_loss", "kl": "val_kl", "accuracy": "accuracy"}
 
 
+# memory for one evaluation batch's logits (and the float32 copies the losses make of them), and for
+# the reference logits kept between calls: beyond these, batches get smaller and logits are recomputed,
+# so memory does not grow with the number of windows (a 49k vocabulary makes 200 MB of a 256-token window)
+LOGITS_BYTES = 2 << 30
+REFERENCE_CACHE_BYTES = 1 << 30
+
+
 @torch.no_grad()
 def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", reference=None,
                 reference_cache=None, batch_size=256):
@@ -69,13 +76,17 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
     would first go wrong, so does that argmax), and the loss's logits hold those argmaxes."""
     meta = dataset.meta
     answers = (meta["answer_start"], meta["answer_end"]) if "answer_start" in meta else None
-    cache = {} if reference_cache is None else reference_cache
+    cache = reference_cache
+    seq_len = meta.get("row_len") or block_size
+    if seq_len:
+        batch_size = max(1, min(batch_size, LOGITS_BYTES // (seq_len * model.config.vocab_size * 4 * 4)))
     totals, count = {"loss": 0.0}, 0
     if reference is not None:
         totals["kl"] = 0.0
     if answers:
         totals["accuracy"] = 0.0
-    masks = dataset.eval_masks(batch_size, block_size, max_sequences) if hasattr(dataset, "eval_masks") else repeat(None)
+    masks = (dataset.eval_masks(batch_size, block_size, max_sequences) if hasattr(dataset, "eval_masks")
+             else repeat(None))
     batches = dataset.eval_batches("val", batch_size, block_size, max_sequences)
     for i, (x, mask) in enumerate(zip(batches, masks)):
         x = x.to(device)
@@ -83,9 +94,14 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
         logits = model(x)
         totals["loss"] += ntp_loss(logits, x, mask).item() * len(x)
         if reference is not None:
-            if i not in cache:
-                cache[i] = reference(x)
-            totals["kl"] += kl_loss(logits, cache[i], mask).item() * len(x)
+            reference_logits = cache.get(i) if cache is not None else None
+            if reference_logits is None:
+                reference_logits = reference(x)
+                kept = sum(t.numel() * t.element_size() for t in cache.values()) if cache is not None else 0
+                if cache is not None and kept + reference_logits.numel() * reference_logits.element_size() \
+                        <= REFERENCE_CACHE_BYTES:
+                    cache[i] = reference_logits
+            totals["kl"] += kl_loss(logits, reference_logits, mask).item() * len(x)
         if answers:
             start, end = answers
             guess = logits[:, start - 1:end - 1].argmax(dim=-1)   # position p - 1 predicts token p

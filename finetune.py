@@ -42,7 +42,7 @@ from files import claim_out_dir, fingerprint, input_fingerprints
 from objective import Objective
 from progress import progress_bar
 from sample_replay import prompt_column, sample_corpus
-from training import TrainingLog, lr_at, run_end
+from training import TrainingLog, check_step_fits, lr_at, run_end
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -340,6 +340,9 @@ def main():
             model.embed.requires_grad_(True)
             model.unembed.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    check_step_fits(model.config, sum(p.numel() for p in model.parameters()),
+                    (batch_size + (n_replay if replay_stream else 0)) // world_size, T, dev,
+                    "use a smaller --batch_size or --replay_batch_size, or a shorter --block_size")
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(beta1, beta2),
                                   weight_decay=weight_decay)
 

@@ -27,7 +27,7 @@ from files import claim_out_dir, input_fingerprints
 from model import GPT, GPTConfig, count_parameters
 from objective import ntp_loss
 from progress import progress_bar
-from training import TrainingLog, lr_at, run_end
+from training import TrainingLog, check_step_fits, lr_at, run_end
 
 # -- I/O
 out_dir = "out/pretrain_add"
@@ -135,6 +135,7 @@ def main():
     check_short_names(data + extra)
     model = GPT(config).to(dev)
     n_actual, n_paper = count_parameters(model)
+    check_step_fits(config, n_actual, batch_size // world_size, seq_len, dev)
     tokens_per_step = batch_size * seq_len
     limits = [max_steps] if max_steps else []
     if max_tokens:

@@ -48,12 +48,17 @@ DATASET_TOKENS = {"en": 0, "es": 1}  # the paper's dataset ids
 N_RESERVED = len(SPECIAL_TOKENS)
 
 
+MAX_CHUNK = 256
+
+
 def train_bpe(text, vocab_size, progress=None):
     """Learn vocab_size - N_RESERVED - 256 merges; returns a list of merged byte strings in order."""
     n_merges = vocab_size - N_RESERVED - 256
     if n_merges < 0:
         raise ValueError(f"vocab_size must be at least {N_RESERVED + 256}")
-    chunk_counts = Counter(PY_PATTERN.findall(text))
+    # a chunk longer than MAX_CHUNK characters (no word is: a run without spaces, minified code) is cut
+    # into pieces, so that no input makes training time grow with the square of one run's length
+    chunk_counts = Counter(c[i:i + MAX_CHUNK] for c in PY_PATTERN.findall(text) for i in range(0, len(c), MAX_CHUNK))
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]   # token sequences (ints)
     freqs = list(chunk_counts.values())
     vocab = [bytes([b]) for b in range(256)]                           # token -> bytes (local ids)

@@ -9,8 +9,22 @@ import time
 
 from tqdm import tqdm
 
-from config import UserError
+from config import UserError, memory_bytes
 from files import append_jsonl, atomic_write_text, read_jsonl
+
+
+def check_step_fits(config, n_params, rows, T, device, fix="use a smaller --batch_size"):
+    """Refuse, before anything is written, a training step that cannot fit in this machine's memory:
+    a lower bound of what it needs (weights, gradients and AdamW's two moments in float32, and the
+    activations a backward pass keeps for `rows` sequences of T tokens, logits included). On a GPU
+    its own memory decides (and says so itself)."""
+    if not str(device).startswith("cpu"):
+        return
+    per_token = (config.depth * (4 * config.width + 2 * config.mlp_width) + 2 * config.vocab_size) * 4
+    needed = n_params * 4 * 4 + rows * T * per_token
+    if needed > memory_bytes():
+        raise UserError(f"{rows:,} sequences of {T} tokens a step need at least {needed / 2**30:,.1f} GiB, more "
+                        f"than this machine's {memory_bytes() / 2**30:.1f} GiB: {fix}")
 
 
 def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=0.0, cooldown_from=None,

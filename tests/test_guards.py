@@ -136,6 +136,8 @@ def cases(t, w):
          "do not fit its model_config"),
         # 3. sizes that cannot fit, refused before anything is allocated
         ("sampling 10**12 sequences", [*sample, "--num_samples=1000000000000"], "more than this machine's"),
+        ("pretraining batches of 10**9", [*pretrain, fresh, "--batch_size=1000000000"], "more than this machine's"),
+        ("finetuning batches of 10**9", [*finetune, fresh, "--batch_size=1000000000"], "more than this machine's"),
         # 5. one line, not a traceback
         ("a corpus whose meta is not a dict", [*finetune, fresh, "--replay=kl",
                                                f"--replay_source={w['w']}/corpus_no_meta.pt"], "no metadata"),
@@ -143,6 +145,9 @@ def cases(t, w):
          "outside the vocabulary"),
         ("evaluate --block_size above the model's", [*evaluate, f"--datasets={t['add']}", "--block_size=4096"],
          "is longer than"),
+        ("a prepare script given a bad option", ["data/arithmetic/prepare.py", "--digits=x"], "cannot parse"),
+        ("a prepare script given a word for a number", ["data/c4/prepare.py", "--shards=x"], "must be a number"),
+        ("the Bible prepare given an unknown option", ["data/bible/prepare.py", "--bogus=1"], "unknown option"),
         # 3. a resume must find the inputs it started with
         ("resume with another init_from", [*finetune, f"--out_dir={ft}", "--resume=True", "--max_steps=6",
                                             "--eval_interval=3", "--batch_size=16", "--warmup_steps=2", "--replay=kl",

@@ -153,6 +153,23 @@ class RowSet:
             yield self.rows[i:i + batch_size]
 
 
+def test_evaluation_numbers_do_not_depend_on_the_memory_it_may_use(toy_data, monkeypatch):
+    """Small logits and cache budgets make smaller batches and recompute the reference's logits (so
+    memory does not grow with the number of windows): the numbers stay the same."""
+    import evaluate
+    from model import GPT, GPTConfig
+    data = Dataset(toy_data["add"])
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=data.meta["vocab_size"], block_size=data.row_len, **TINY_MODEL)
+    model, reference = GPT(config).eval(), GPT(config).eval()
+    roomy = evaluate_on(model, data, None, 64, reference=reference, reference_cache={})
+    monkeypatch.setattr(evaluate, "LOGITS_BYTES", data.row_len * config.vocab_size * 16 * 5)   # 5 rows a batch
+    monkeypatch.setattr(evaluate, "REFERENCE_CACHE_BYTES", 0)
+    cache = {}
+    tight = evaluate_on(model, data, None, 64, reference=reference, reference_cache=cache)
+    assert not cache and tight == pytest.approx(roomy, rel=1e-6) and set(tight) == {"loss", "kl", "accuracy"}
+
+
 def test_accuracy_is_exact_match_of_greedy_decoding(toy_data):
     """A row counts as right exactly when greedy decoding from its prompt writes its whole answer:
     rows holding the model's own greedy answers are right; one changed answer token, the first or

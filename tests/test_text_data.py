@@ -132,6 +132,15 @@ def write_c4_shard(path, docs):
         f.write("\n")
 
 
+def test_a_run_without_spaces_is_trained_on_in_pieces_of_bounded_length():
+    """A 20,000-character run (minified code, a base64 blob) is cut into MAX_CHUNK pieces before
+    training, so its cost stays linear in its length: no merge is longer than a piece (uncut, the
+    run's repeated halvings would make merges of 512 bytes and more)."""
+    text = "ab" * 10_000 + " ab ab"
+    merges = bpe.train_bpe(text, vocab_size=bpe.N_RESERVED + 256 + 40)
+    assert max(map(len, merges)) == bpe.MAX_CHUNK   # the longest merge is one whole piece
+
+
 def test_c4_parser_reads_documents_and_splits_them(tmp_path):
     write_c4_shard(tmp_path / "a.json.gz", [f"document {i} in English" for i in range(60)] + [""])
     write_c4_shard(tmp_path / "b.json.gz", ["second shard"])

@@ -309,8 +309,8 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", f"--tokenizer={other / 'tokenizer.json'}"],
          "not one of the two formats read here"),
         (["data/text/prepare.py", f"--source={tmp_path / 'nothing*.txt'}", tok], "names no file"),
-        (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", f"--tokenizer={tmp_path / 'broken_tokenizer.json'}"],
-         "is not JSON"),
+        (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}",
+          f"--tokenizer={tmp_path / 'broken_tokenizer.json'}"], "is not JSON"),
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", tok, f"--out={recipe / 'mine'}"],
          "already holds a dataset"),
     ]

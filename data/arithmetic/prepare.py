@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from config import fail
 from files import atomic_path, atomic_write_text
 
 TASKS = ["add", "reversal", "sort", "modadd"]
@@ -186,7 +187,7 @@ def main(argv):
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings or not value.isdigit():
-            sys.exit(f"error: cannot parse {arg!r}: use --digits=3 --modulus=1000 "
+            fail(f"cannot parse {arg!r}: use --digits=3 --modulus=1000 "
                      "--n_train=N --n_val=N --seed=N")
         settings[key] = int(value)
     write_tasks(os.path.dirname(os.path.abspath(__file__)), **settings)

@@ -31,6 +31,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import tokenizer as bpe
+from config import fail
 
 LANGUAGES = {"en": "engWEB", "es": "spaRV1909"}  # SWORD module name prefixes
 APT_HINT = "apt-get install -y --no-install-recommends sword-text-web sword-text-sparv"
@@ -132,7 +133,7 @@ def main(argv):
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings:
-            sys.exit(f"error: unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N "
+            fail(f"unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N "
                      "--out=NAME --tokenizer=PATH")
         settings[key] = value
     try:
@@ -142,7 +143,9 @@ def main(argv):
         prepare(settings["modules_dir"], os.path.join(data_dir, settings["out"]), int(settings["vocab_size"]),
                 settings["tokenizer"])
     except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
+        fail(f"{e}")
+    except ValueError:
+        fail(f"--vocab_size={settings['vocab_size']!r} must be a whole number")
 
 
 if __name__ == "__main__":

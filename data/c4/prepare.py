@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import files
 import tokenizer as bpe
+from config import fail
 
 BASE_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/"
 SHARDS = {  # language -> shard file name pattern under BASE_URL
@@ -72,12 +73,15 @@ def main(argv):
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings:
-            sys.exit(f"error: unknown option {arg!r}: use --shards=N --max_mb=MB --vocab_size=N")
-        settings[key] = type(settings[key])(value)
+            fail(f"unknown option {arg!r}: use --shards=N --max_mb=MB --vocab_size=N")
+        try:
+            settings[key] = type(settings[key])(value)
+        except ValueError:
+            fail(f"--{key}={value!r} must be a number")
     try:
         prepare(os.path.dirname(os.path.abspath(__file__)), **settings)
     except ConnectionError as e:
-        sys.exit(f"error: {e}")
+        fail(f"{e}")
 
 
 if __name__ == "__main__":
