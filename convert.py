@@ -299,9 +299,17 @@ def main():
         raise UserError(f"{out_dir} already holds a checkpoint or run ({', '.join(found)}): choose another "
                         "--out_dir, or replace it with --overwrite=True")
     check_writable(os.path.join(out_dir, "ckpt.pt"))
-    config_fields, weights, tok = read_hf_folder(path) if os.path.isdir(path) else read_gguf(path)
-    if block_size:
-        config_fields["block_size"] = block_size
+    try:
+        config_fields, weights, tok = read_hf_folder(path) if os.path.isdir(path) else read_gguf(path)
+        if block_size:
+            config_fields["block_size"] = block_size
+        if min(config_fields[k] for k in ("n_heads", "n_kv_heads", "depth", "width", "head_dim")) <= 0:
+            raise ValueError("a head count, the depth or a width is zero")
+        GPTConfig(**config_fields)   # consistent head counts and sizes
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, IndexError, AttributeError, RuntimeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:120]}"
+        raise UserError(f"{path}: its metadata or tensors do not describe a Llama-family model ({what}): the "
+                        "file is damaged or of another kind") from None
     rope_table = config_fields["block_size"] * config_fields["head_dim"] * 4 * 2  # cos and sin, float32
     if rope_table > memory_bytes() // 4:
         raise UserError(f"{path} declares a context of {config_fields['block_size']:,} tokens, whose position "

@@ -199,15 +199,19 @@ def time_split(paths):
               for folder, _, names in sorted(os.walk(p)) for name in sorted(names)]
     for path in files:
         name = os.path.basename(path)
-        if name == "log.jsonl":
-            last = read_jsonl(path)[-1]
-            split["training"] += last.get("train_seconds", 0.0)
-            split["sampling"] += last.get("replay_sample_seconds", 0.0)
-            split["evaluation"] += last.get("eval_seconds", 0.0)
-        elif name.endswith(".pt") and name != "ckpt.pt":
-            corpus = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(corpus, dict) and "seconds" in corpus.get("meta", {}):
-                split["sampling"] += corpus["meta"]["seconds"]
+        try:
+            if name == "log.jsonl":
+                last = read_jsonl(path)[-1]
+                split["training"] += last.get("train_seconds", 0.0)
+                split["sampling"] += last.get("replay_sample_seconds", 0.0)
+                split["evaluation"] += last.get("eval_seconds", 0.0)
+            elif name.endswith(".pt") and name != "ckpt.pt":
+                corpus = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(corpus, dict) and "seconds" in corpus.get("meta", {}):
+                    split["sampling"] += corpus["meta"]["seconds"]
+        except Exception as e:
+            raise UserError(f"--time_runs: {path} cannot be read ({type(e).__name__}): it is torn or damaged; "
+                            "re-run that stage or leave it out") from None
     return {k: round(v, 1) for k, v in split.items()}
 
 
@@ -336,6 +340,7 @@ def main():
     if missing:
         raise UserError(f"--time_runs: {missing[0]} does not exist: give the experiment's run "
                         "folders and corpora")
+    split = time_split(time_runs.split(",")) if time_runs else None  # read (and checked) before the measuring
     dev = pick_device(device)
     named = parse_named(checkpoints)
     ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
@@ -390,8 +395,7 @@ def main():
               "reference": reference or None}
     if started_at:
         report["seconds"] = round(time.time() - started_at, 1)
-    if time_runs:  # sampling, training, evaluation (the runs' and this script's), other = the rest
-        split = time_split(time_runs.split(","))
+    if split:  # sampling, training, evaluation (the runs' and this script's), other = the rest
         split["evaluation"] = round(split["evaluation"] + time.time() - began, 1)
         if started_at:
             split["other"] = round(report["seconds"] - sum(split.values()), 1)

@@ -6,9 +6,11 @@ half of one), and inputs fingerprinted by content so a resumed run can check the
 """
 import atexit
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -222,6 +224,16 @@ def atomic_path(path, suffix=""):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"the disk is full writing {path} (the earlier file, if any, is intact): free "
+                            "space and run again") from None
+        raise
+    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        if "No space left" in str(e) or "file write failed" in str(e):
+            raise UserError(f"the disk is full writing {path} (the earlier file, if any, is intact): free "
+                            "space and run again") from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -254,7 +266,16 @@ def download(url, path, offline_hint, headers=None):
 
 
 def write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Strict JSON (what any parser reads): a number that is not finite (NaN, inf) is written as null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+    atomic_write_text(path, json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
 
 
 def append_jsonl(path, record):

@@ -91,6 +91,7 @@ def world(toy_data, tmp_path_factory):
     torch.save(ckpt, w / "mismatch_ckpt.pt")
     os.symlink(w / "pre", w / "pre_link")                  # another path to the pretraining run
     torch.save({"tokens": corpus["tokens"], "meta": ["not", "a", "dict"]}, w / "corpus_no_meta.pt")
+    (w / "torn_replay.pt").write_bytes(b"PK\x03\x04 half a corpus")
     (w / "logs").mkdir()
     (w / "logs" / "empty.jsonl").write_text("")
     (w / "empty.json").write_text("{}")
@@ -143,6 +144,8 @@ def cases(t, w):
                                                f"--replay_source={w['w']}/corpus_no_meta.pt"], "no metadata"),
         ("dataset_token outside the vocabulary", [*pretrain, fresh, f"--datasets={w['token_outside']}"],
          "outside the vocabulary"),
+        ("evaluate --time_runs on a damaged corpus", [*evaluate, f"--datasets={t['add']}",
+                                                      f"--time_runs={w['w']}/torn_replay.pt"], "cannot be read"),
         ("evaluate --block_size above the model's", [*evaluate, f"--datasets={t['add']}", "--block_size=4096"],
          "is longer than"),
         ("a prepare script given a bad option", ["data/arithmetic/prepare.py", "--digits=x"], "cannot parse"),
@@ -268,6 +271,29 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_processes(tmp_path):
         for p in processes:
             p.join(30)
         assert sum(wins) == 1, round
+
+
+def test_reports_are_strict_json_with_null_where_a_number_is_not_finite(tmp_path):
+    from files import write_json
+
+    def refuse(constant):
+        raise ValueError(constant)
+    write_json(str(tmp_path / "r.json"), {"loss": float("nan"), "kl": [float("inf"), 1.5], "n": 3})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse) == {"loss": None, "kl": [None, 1.5],
+                                                                                     "n": 3}
+
+
+def test_a_full_disk_is_named_and_the_earlier_file_stays(tmp_path):
+    import errno
+    from config import UserError
+    from files import atomic_path
+    path = tmp_path / "results.json"
+    path.write_text("earlier")
+    with pytest.raises(UserError, match="the disk is full writing"):
+        with atomic_path(str(path)) as tmp:
+            open(tmp, "w").write("half of it")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert path.read_text() == "earlier" and os.listdir(tmp_path) == ["results.json"]
 
 
 def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):

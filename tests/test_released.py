@@ -393,6 +393,8 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
     (tmp_path / "truncated.gguf").write_bytes(whole[:len(whole) // 2])
     write_gguf(str(tmp_path / "unknown_pre.gguf"), w, pre="some-new-model")
     write_gguf(str(tmp_path / "huge_context.gguf"), w, context_length=2 ** 32 - 1)
+    write_gguf(str(tmp_path / "odd_tensor.gguf"), w, extra_tensor=("blk.0.attn_weird.weight", np.zeros((4, 4), np.float32),
+                                                                   gguf.GGMLQuantizationType.F32))
     hf_config = {"architectures": ["LlamaForCausalLM"], "vocab_size": len(TOKENS), "max_position_embeddings": 64,
                  "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "intermediate_size": 96, "rms_norm_eps": 1e-5}
@@ -400,6 +402,11 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
                     SPLIT_THEN_BYTELEVEL)
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
+    for name, change in (("hf_more_layers", {"num_hidden_layers": 3}), ("hf_not_json", None)):
+        write_hf_folder(str(tmp_path / name), random_llama(len(TOKENS), **GGUF_DIMS, tie=False, qk_norm=False),
+                        {**hf_config, **(change or {})}, SPLIT_THEN_BYTELEVEL)
+        if change is None:
+            (tmp_path / name / "config.json").write_text("{not json")
     toy_corpus = str(tmp_path / "toy_corpus.pt")   # the right vocabulary size, another tokenizer
     toy_tokenizer = json.load(open(os.path.join(toy_data["add"], "meta.json")))["tokenizer"]
     torch.save({"tokens": torch.ones(4, 16, dtype=torch.int32), "meta": {"vocab_size": len(TOKENS),
@@ -411,6 +418,9 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
         (["convert.py", f"--source={tmp_path / 'truncated.gguf'}"], "not a readable GGUF file"),
         (["convert.py", f"--source={tmp_path / 'unknown_pre.gguf'}"], "pre-tokenizer 'some-new-model'"),
         (["convert.py", f"--source={tmp_path / 'huge_context.gguf'}"], "declares a context of 4,294,967,295"),
+        (["convert.py", f"--source={tmp_path / 'odd_tensor.gguf'}"], "do not describe a Llama-family model"),
+        (["convert.py", f"--source={tmp_path / 'hf_more_layers'}"], "do not describe a Llama-family model"),
+        (["convert.py", f"--source={tmp_path / 'hf_not_json'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'missing.gguf'}"], "not found"),
         (["convert.py", f"--source={tmp_path}"], "lacks config.json"),
         (["convert.py", f"--source={tmp_path / 'hf'}"], "is truncated"),
