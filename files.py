@@ -16,7 +16,6 @@ import re
 import socket
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 
@@ -75,27 +74,12 @@ class Lock:
         raise UserError(f"could not lock {what}: delete {path} if no run is using it")
 
     def holder(self):
-        """The process holding the lock, or None if the lock is stale."""
+        """The process the lock file names (for the message: the kernel decides who holds it)."""
         try:
             with open(self.path) as f:
-                holder = json.load(f)
-        except FileNotFoundError:
+                return json.load(f)
+        except (OSError, ValueError):  # gone, or being written this instant
             return None
-        except (OSError, ValueError):  # being written this instant, or torn by a crash long ago
-            return None if time.time() - os.path.getmtime(self.path) > 60 else {"pid": "?", "host": "?"}
-        if holder.get("host") != socket.gethostname():
-            return holder  # another machine's process: cannot tell, so respect it
-        pid = holder.get("pid")
-        if pid == os.getpid():
-            return None  # left by an earlier run in this same process (scripts run one at a time in it)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except (PermissionError, TypeError):
-            return holder
-        started = holder.get("started")
-        return None if started is not None and _start_time(pid) != started else holder
 
     def release(self):
         if self.held:  # removed while still held, so a process that opened it sees it go (above)

@@ -257,6 +257,18 @@ def write_stream_dataset(out_dir, ids, encoding, tok_path, fields, masks=None):
     return meta
 
 
+def model_tokenizer(path):
+    """released_encoding of a prepare script's --tokenizer, where a missing or unusable file is
+    bad input (one line, exit 2) rather than an error of the program."""
+    from config import UserError
+    if not os.path.exists(path):
+        raise UserError(f"--tokenizer={path} not found: run convert.py first")
+    try:
+        return released_encoding(path)
+    except ValueError as e:
+        raise UserError(f"{e}: pass --tokenizer=<convert.py's out_dir>/tokenizer.json") from None
+
+
 def released_encoding(tokenizer_path):
     """(tiktoken.Encoding, normalize, tokenizer file data) of a released model's tokenizer.json."""
     try:

@@ -3,7 +3,6 @@ full forward in float64, its numbers, the chat format, the masked objective on c
 Verilog, Austen and MMLU prepare scripts on small files the tests write, a benchmark tracked while
 finetuning a converted model, chat answers sampled from it, and their bad inputs."""
 import gzip
-import hashlib
 import json
 import os
 import struct

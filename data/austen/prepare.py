@@ -118,12 +118,7 @@ def read_novels(folder):
 
 
 def main():
-    if not os.path.exists(tokenizer):
-        raise UserError(f"--tokenizer={tokenizer} not found: run convert.py first")
-    try:
-        encoding, normalize, tok = bpe.released_encoding(tokenizer)
-    except ValueError as e:
-        raise UserError(f"{e}: pass --tokenizer=<convert.py's out_dir>/tokenizer.json") from None
+    encoding, normalize, tok = bpe.model_tokenizer(tokenizer)
     novels = read_novels(data_dir)
     ids = {"train": [], "val": []}
     for name, text in novels.items():

@@ -149,10 +149,8 @@ def main():
     folder = os.path.join(ROOT, "data", out, "mmlu")
     if select_with:
         return select(os.path.join(out, "mmlu"), select_with)
-    if not os.path.exists(tokenizer):
-        raise UserError(f"--tokenizer={tokenizer} not found: run convert.py first")
+    encoding, _, tok = bpe.model_tokenizer(tokenizer)
     try:
-        encoding, _, tok = bpe.released_encoding(tokenizer)
         bpe.chat_format(tok.get("chat_template"))
     except ValueError as e:
         raise UserError(f"--tokenizer={tokenizer}: {e}: use an instruction-tuned model's tokenizer "

@@ -132,12 +132,7 @@ def main():
         raise UserError("pass --source=<file, folder or glob> and --out=<dataset name>")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction={val_fraction} must be in (0, 1)")
-    if not os.path.exists(tokenizer):
-        raise UserError(f"--tokenizer={tokenizer} not found: run convert.py first")
-    try:
-        encoding, normalize, tok = bpe.released_encoding(tokenizer)
-    except ValueError as e:
-        raise UserError(f"{e}: pass --tokenizer=<convert.py's out_dir>/tokenizer.json") from None
+    encoding, normalize, tok = bpe.model_tokenizer(tokenizer)
     out_dir = out if os.path.isabs(out) or out.startswith(".") else os.path.join(DATA_DIR, out)
 
     # -- read and check everything before anything is written: the output too (never over another

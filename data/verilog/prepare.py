@@ -103,12 +103,7 @@ def deduplicate(files):
 def main():
     if not 0 < val_fraction < 1 or not 0 < near_duplicate <= 1:
         raise UserError("--val_fraction must be in (0, 1) and --near_duplicate in (0, 1]")
-    if not os.path.exists(tokenizer):
-        raise UserError(f"--tokenizer={tokenizer} not found: run convert.py first")
-    try:
-        encoding, normalize, tok = bpe.released_encoding(tokenizer)
-    except ValueError as e:
-        raise UserError(f"{e}: pass --tokenizer=<convert.py's out_dir>/tokenizer.json") from None
+    encoding, normalize, tok = bpe.model_tokenizer(tokenizer)
     files = collect()
     kept, exact, near = deduplicate(files)
     print(f"{len(files)} HDL files from {len(cores.split(','))} cores; dropped {exact} exact and {near} near "
