@@ -21,14 +21,36 @@ def fail(message):
     sys.exit(2)
 
 
+# what a script that runs out of memory undoes before it stops: e.g. the log of a fresh run that no
+# checkpoint followed (training.TrainingLog registers it), so that nothing of the run is left behind
+ON_OUT_OF_MEMORY = []
+
+
+def out_of_memory(error):
+    text = str(error)
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()))
+
+
 def run(main, config):
     """A script's entry point: apply the --key=value overrides to its constants (its globals()),
-    run main(), and turn bad input (UserError) into one line on stderr instead of a traceback."""
+    run main(), and turn bad input (UserError) into one line on stderr instead of a traceback; so
+    too running out of memory, which the size estimates before the work did not foresee."""
     try:
         apply_overrides(config, sys.argv[1:])
         main()
     except UserError as e:
         fail(e)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        undone = [undo() for undo in ON_OUT_OF_MEMORY]
+        fail(f"out of memory ({text_of(e)}): use a smaller --batch_size (or --block_size, --num_samples, "
+             f"--eval_sequences){'; ' + ', '.join(u for u in undone if u) if any(undone) else ''}")
+
+
+def text_of(error):
+    return str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
 
 
 def apply_overrides(config, argv):

@@ -9,7 +9,7 @@ import time
 
 from tqdm import tqdm
 
-from config import UserError, memory_bytes
+from config import ON_OUT_OF_MEMORY, UserError, memory_bytes
 from files import append_jsonl, atomic_write_text, read_jsonl
 
 
@@ -79,6 +79,15 @@ class TrainingLog:
         self.start_weight = max_weight(model)
         self.last_saved = start_step or None  # the step of the last checkpoint, named when a run diverges
         self.started = time.time()
+        if is_main and not start_step:
+            ON_OUT_OF_MEMORY.append(self.discard)
+
+    def discard(self):
+        """Out of memory before this fresh run saved a checkpoint: its log goes too (nothing is left)."""
+        if self.last_saved is None and os.path.exists(self.path):
+            os.remove(self.path)
+            return f"{self.path} removed, nothing of this run is left"
+        return f"the last good checkpoint is {self.ckpt_path} (step {self.last_saved})" if self.last_saved else ""
 
     def evaluation(self, step, fields, measure):
         """Log step's training numbers (fields) and measure()'s validation numbers, timing

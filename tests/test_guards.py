@@ -283,6 +283,21 @@ def test_reports_are_strict_json_with_null_where_a_number_is_not_finite(tmp_path
                                                                                      "n": 3}
 
 
+def test_running_out_of_memory_is_one_line_and_a_fresh_run_leaves_nothing(toy_data, tmp_path):
+    """A batch that passes the size estimate (a lower bound) but not the memory the process may
+    use (capped here at 2 GiB of address space): one line, exit 2, and no log left behind."""
+    import resource
+    limit, rows = 3 << 29, 100_000   # 1.5 GiB; the estimate for 100k rows is 2.4 GiB (any machine with 4 has room)
+    result = script("pretrain.py", f"--datasets={toy_data['add']}", "--device=cpu", "--max_steps=4",
+                    "--eval_interval=2", "--eval_sequences=8", f"--batch_size={rows}", *TINY,
+                    f"--out_dir={tmp_path}/run", preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS,
+                                                                                      (limit, limit)))
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]   # beside the progress bar
+    assert result.returncode == 2 and len(errors) == 1 and "out of memory" in errors[0], result.stderr[-1500:]
+    assert "Traceback" not in result.stderr and "removed, nothing of this run is left" in errors[0]
+    assert not os.path.exists(tmp_path / "run" / "log.jsonl") and not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
 def test_a_full_disk_is_named_and_the_earlier_file_stays(tmp_path):
     import errno
     from config import UserError
