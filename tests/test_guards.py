@@ -89,6 +89,9 @@ def world(toy_data, tmp_path_factory):
     torch.save(ckpt, w / "nan_ckpt.pt")
     del ckpt["model"]["unembed.weight"]                    # weights that do not fit the model_config
     torch.save(ckpt, w / "mismatch_ckpt.pt")
+    ckpt = torch.load(w / "pre" / "ckpt.pt", weights_only=True)
+    ckpt["model_config"]["n_experts"] = 8                  # a config key this GPT does not have
+    torch.save(ckpt, w / "unknown_config_ckpt.pt")
     os.symlink(w / "pre", w / "pre_link")                  # another path to the pretraining run
     torch.save({"tokens": corpus["tokens"], "meta": ["not", "a", "dict"]}, w / "corpus_no_meta.pt")
     (w / "torn_replay.pt").write_bytes(b"PK\x03\x04 half a corpus")
@@ -135,6 +138,8 @@ def cases(t, w):
          "NaN or infinite"),
         ("weights that do not fit model_config", [*finetune, fresh, f"--init_from={w['w']}/mismatch_ckpt.pt"],
          "do not fit its model_config"),
+        ("a model_config with an unknown key", [sample[0], f"--init_from={w['w']}/unknown_config_ckpt.pt",
+                                                *sample[2:]], "do not fit its model_config"),
         # 3. sizes that cannot fit, refused before anything is allocated
         ("sampling 10**12 sequences", [*sample, "--num_samples=1000000000000"], "more than this machine's"),
         ("pretraining batches of 10**9", [*pretrain, fresh, "--batch_size=1000000000"], "more than this machine's"),

@@ -115,11 +115,11 @@ GGUF_DIMS = dict(width=64, depth=2, n_heads=4, n_kv=2, head_dim=16, mlp_width=96
 
 
 def write_gguf(path, w, arch="llama", embed_type="Q8_0", pre="smollm", extra_tensor=None, chat_template=None,
-               context_length=64):
+               context_length=64, dims=None):
     """A tiny Llama in llama.cpp's layout: permuted q/k rows, reversed shapes (done by the writer),
     the token embedding quantised; the tokenizer above (and a chat template, if given). Returns the
-    weights as the file holds them."""
-    dims = GGUF_DIMS
+    weights as the file holds them. dims: other metadata than GGUF_DIMS (the tensors stay as w)."""
+    dims = dims or GGUF_DIMS
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(dims["depth"])
     writer.add_context_length(context_length)
@@ -147,8 +147,8 @@ def write_gguf(path, w, arch="llama", embed_type="Q8_0", pre="smollm", extra_ten
                  "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
         for theirs, ours in names.items():
             writer.add_tensor(f"blk.{i}.{theirs}.weight", layer[ours].numpy())
-        writer.add_tensor(f"blk.{i}.attn_q.weight", llama_cpp_permute(layer["q"].numpy(), dims["n_heads"]))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", llama_cpp_permute(layer["k"].numpy(), dims["n_kv"]))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", llama_cpp_permute(layer["q"].numpy(), GGUF_DIMS["n_heads"]))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", llama_cpp_permute(layer["k"].numpy(), GGUF_DIMS["n_kv"]))
     if extra_tensor:
         writer.add_tensor(*extra_tensor[:2], raw_dtype=extra_tensor[2])
     writer.write_header_to_file()
@@ -407,6 +407,16 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
                         {**hf_config, **(change or {})}, SPLIT_THEN_BYTELEVEL)
         if change is None:
             (tmp_path / name / "config.json").write_text("{not json")
+    write_gguf(str(tmp_path / "no_kv_heads.gguf"), w, dims={**GGUF_DIMS, "n_kv": 0})
+    write_hf_folder(str(tmp_path / "hf_huge_shape"), random_llama(len(TOKENS), **GGUF_DIMS, tie=False, qk_norm=False),
+                    hf_config, SPLIT_THEN_BYTELEVEL)
+    shards = tmp_path / "hf_huge_shape" / "model.safetensors"   # a header that claims a tensor of 10^12 rows
+    raw = shards.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["model.norm.weight"]["shape"] = [10 ** 12, 64]
+    text = json.dumps(header).encode()
+    shards.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
     toy_corpus = str(tmp_path / "toy_corpus.pt")   # the right vocabulary size, another tokenizer
     toy_tokenizer = json.load(open(os.path.join(toy_data["add"], "meta.json")))["tokenizer"]
     torch.save({"tokens": torch.ones(4, 16, dtype=torch.int32), "meta": {"vocab_size": len(TOKENS),
@@ -421,6 +431,8 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
         (["convert.py", f"--source={tmp_path / 'odd_tensor.gguf'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'hf_more_layers'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'hf_not_json'}"], "do not describe a Llama-family model"),
+        (["convert.py", f"--source={tmp_path / 'no_kv_heads.gguf'}"], "do not describe a Llama-family model"),
+        (["convert.py", f"--source={tmp_path / 'hf_huge_shape'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'missing.gguf'}"], "not found"),
         (["convert.py", f"--source={tmp_path}"], "lacks config.json"),
         (["convert.py", f"--source={tmp_path / 'hf'}"], "is truncated"),
@@ -456,6 +468,7 @@ def test_convert_never_writes_over_a_checkpoint_or_into_its_source_and_replaces_
     before = {p: p.read_bytes() for p in sorted((tmp_path / "model").iterdir())}
     for out_dir, words in ((tmp_path / "model", "already holds a checkpoint or run (ckpt.pt, log.jsonl)"),
                            (root, "is the folder of the model converted"),
+                           ("/proc/nanoreplay/model", "not a writable folder"),   # refused before converting
                            (tmp_path / "source_link", "is the folder of the model converted")):
         result = script("convert.py", f"--source={gguf_file}", f"--out_dir={out_dir}")
         lines = result.stderr.strip().splitlines()

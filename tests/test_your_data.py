@@ -297,6 +297,7 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
     data = json.load(open(chat_model / "model" / "tokenizer.json"))
     (other / "tokenizer.json").write_text(json.dumps({**data, "chat_template": "{{ bos_token }}[INST]"}))
     (tmp_path / "broken_tokenizer.json").write_text("{not json")
+    (tmp_path / "no_bos_tokenizer.json").write_text(json.dumps({k: v for k, v in data.items() if k != "bos"}))
     (tmp_path / "ok.jsonl").write_text(chat(("user", "ab"), ("assistant", "cd")) + chat(("user", "c"),
                                                                                    ("assistant", "d")))
     out = tmp_path / "out"
@@ -311,6 +312,8 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
         (["data/text/prepare.py", f"--source={tmp_path / 'nothing*.txt'}", tok], "names no file"),
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}",
           f"--tokenizer={tmp_path / 'broken_tokenizer.json'}"], "is not JSON"),
+        (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}",
+          f"--tokenizer={tmp_path / 'no_bos_tokenizer.json'}"], "with its bos, eos and pattern"),
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", tok, f"--out={recipe / 'mine'}"],
          "already holds a dataset"),
     ]
