@@ -201,7 +201,7 @@ def time_split(paths):
         name = os.path.basename(path)
         try:
             if name == "log.jsonl":
-                last = read_jsonl(path)[-1]
+                last = read_jsonl(path, warn=False)[-1]   # its last whole record
                 split["training"] += last.get("train_seconds", 0.0)
                 split["sampling"] += last.get("replay_sample_seconds", 0.0)
                 split["evaluation"] += last.get("eval_seconds", 0.0)

@@ -267,9 +267,9 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def read_jsonl(path):
-    """The records of a log. A torn last line (a crash or a full disk mid-write) is dropped; a bad
-    line anywhere else means the file is not a log."""
+def read_jsonl(path, warn=True):
+    """The records of a log. A torn last line (a crash or a full disk mid-write) is dropped (said on
+    stderr, if warn); a bad line anywhere else means the file is not a log."""
     with open(path) as f:
         lines = [line for line in f if line.strip()]
     records = []
@@ -278,7 +278,8 @@ def read_jsonl(path):
             records.append(json.loads(line))
         except ValueError:
             if i == len(lines) - 1 and not line.endswith("\n"):
-                print(f"warning: dropped the torn last line of {path}", file=sys.stderr)
+                if warn:
+                    print(f"warning: dropped the torn last line of {path}", file=sys.stderr)
                 break
             raise UserError(f"{path} line {i + 1} is not JSON: it is not a log "
                             "written by these scripts") from None

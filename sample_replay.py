@@ -56,17 +56,17 @@ def parse_prompts(spec, data_meta, vocab_size, bos=None):
             raise UserError(f"--prompts item {item!r}: the share after ':' must be a positive number")
         if name.isdigit():
             token = int(name)
-            if token >= vocab_size:
-                raise UserError(f"--prompts: token id {token} is outside the model's vocabulary "
-                                f"(0..{vocab_size - 1})")
         elif name == "bos" and bos is not None:
             token = bos
         elif name in data_meta:
-            token = data_meta[name]["dataset_token"]
+            token = data_meta[name].get("dataset_token")
         else:
             known = ", ".join(sorted(data_meta)) or "none"
             raise UserError(f"prompt {name!r} is neither a token id nor a dataset this checkpoint was "
                             f"trained on (known: {known})")
+        if not isinstance(token, int) or not 0 <= token < vocab_size:   # also a damaged checkpoint's record
+            raise UserError(f"--prompts: {name}'s token id {token} is outside the model's vocabulary "
+                            f"(0..{vocab_size - 1})")
         parsed.append((name, token, share))
     if not parsed:
         raise UserError("--prompts is empty: give at least one dataset name or token id")

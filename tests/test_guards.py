@@ -92,11 +92,17 @@ def world(toy_data, tmp_path_factory):
     ckpt = torch.load(w / "pre" / "ckpt.pt", weights_only=True)
     ckpt["model_config"]["n_experts"] = 8                  # a config key this GPT does not have
     torch.save(ckpt, w / "unknown_config_ckpt.pt")
+    ckpt = torch.load(w / "pre" / "ckpt.pt", weights_only=True)
+    for meta in ckpt["data"].values():
+        meta["dataset_token"] = 999                        # a record of its data outside the vocabulary
+    torch.save(ckpt, w / "bad_token_ckpt.pt")
     os.symlink(w / "pre", w / "pre_link")                  # another path to the pretraining run
     torch.save({"tokens": corpus["tokens"], "meta": ["not", "a", "dict"]}, w / "corpus_no_meta.pt")
     (w / "torn_replay.pt").write_bytes(b"PK\x03\x04 half a corpus")
     (w / "logs").mkdir()
     (w / "logs" / "empty.jsonl").write_text("")
+    (w / "torn_run").mkdir()
+    (w / "torn_run" / "log.jsonl").write_text('{"step": 0, "train_sec')   # a run whose log is torn in its only line
     (w / "empty.json").write_text("{}")
     return {"w": w, "pre": w / "pre", "ft": w / "ft", "replay": w / "replay.pt", **paths}
 
@@ -149,6 +155,10 @@ def cases(t, w):
                                                f"--replay_source={w['w']}/corpus_no_meta.pt"], "no metadata"),
         ("dataset_token outside the vocabulary", [*pretrain, fresh, f"--datasets={w['token_outside']}"],
          "outside the vocabulary"),
+        ("sampling from a dataset token outside the vocabulary", [sample[0], f"--init_from={w['w']}/bad_token_ckpt.pt",
+                                                                   *sample[2:]], "outside the model's vocabulary"),
+        ("evaluate --time_runs on a torn log", [*evaluate, f"--datasets={t['add']}",
+                                                f"--time_runs={w['w']}/torn_run"], "cannot be read"),
         ("evaluate --time_runs on a damaged corpus", [*evaluate, f"--datasets={t['add']}",
                                                       f"--time_runs={w['w']}/torn_replay.pt"], "cannot be read"),
         ("evaluate --block_size above the model's", [*evaluate, f"--datasets={t['add']}", "--block_size=4096"],
