@@ -15,8 +15,8 @@ import tokenizer as bpe
 from conftest import run_command, run_script
 from dataset import Dataset
 from objective import Objective, ntp_loss
-from test_capabilities import SMOLLM2_TEMPLATE, mmlu_lines, one_line_exit_2, script
-from test_released import GGUF_DIMS, MERGES, TOKENS, random_llama, write_gguf
+from test_capabilities import SMOLLM2_TEMPLATE, chat_model, mmlu_lines, one_line_exit_2, script  # noqa: F401
+from test_released import MERGES, TOKENS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Llama 3 Instruct's chat template (its tokenizer_config.json): the header format read here
@@ -73,16 +73,6 @@ def test_an_unknown_chat_template_is_refused():
 
 # --- data/text/prepare.py ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    """A tiny converted GGUF with SmolLM2's chat template; context long enough for a few hundred tokens."""
-    root = tmp_path_factory.mktemp("own_model")
-    w = random_llama(len(TOKENS), **GGUF_DIMS, tie=True, qk_norm=False)
-    write_gguf(str(root / "tiny.gguf"), w, chat_template=SMOLLM2_TEMPLATE, context_length=512)
-    run_script("convert", source=str(root / "tiny.gguf"), out_dir=str(root / "model"))
-    return root
-
-
 def words(rng, n):
     return " ".join(rng.choice(["ab", "cd", "abcd", "a", "b", "c d"], n))
 
@@ -97,11 +87,11 @@ def test_text_prepare_splits_by_document_drops_duplicates_and_ends_each_with_eos
     (tmp_path / "src" / "more" / "rest.jsonl").write_text("".join(json.dumps({"body": d}) + "\n\n" for d in docs[6:]))
     out = tmp_path / "prepared"
     run_script("data.text.prepare", source=str(tmp_path / "src"), out=str(out), field="body", val_fraction=0.25,
-               tokenizer=str(chat_model / "model" / "tokenizer.json"))
+               tokenizer=str(chat_model / "tokenizer.json"))
     meta = json.load(open(out / "meta.json"))
     assert meta["duplicates_dropped"] == 1 and meta["format"] == "text" and not meta["loss_mask"]
     assert meta["documents"]["train"]["documents"] == 9 and meta["documents"]["val"]["documents"] == 3
-    encoding = bpe.load(str(chat_model / "model" / "tokenizer.json"))
+    encoding = bpe.load(str(chat_model / "tokenizer.json"))
     data = Dataset(str(out))
     sides = {}
     for split, tokens in data.splits.items():
@@ -113,7 +103,7 @@ def test_text_prepare_splits_by_document_drops_duplicates_and_ends_each_with_eos
         [int(first_side == "train"), int(first_side == "val")]
     glob_out = tmp_path / "glob"
     run_script("data.text.prepare", source=str(tmp_path / "src" / "*.txt"), out=str(glob_out),
-               tokenizer=str(chat_model / "model" / "tokenizer.json"))
+               tokenizer=str(chat_model / "tokenizer.json"))
     assert json.load(open(glob_out / "meta.json"))["duplicates_dropped"] == 1
 
 
@@ -122,9 +112,9 @@ def test_chat_prepare_stores_a_mask_of_the_answers(chat_model, tmp_path):
                                       {"role": "assistant", "content": f"cd {i}"}]}) for i in range(10)]
     (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
     run_script("data.text.prepare", source=str(tmp_path / "chats.jsonl"), out=str(tmp_path / "chat"),
-               tokenizer=str(chat_model / "model" / "tokenizer.json"))
+               tokenizer=str(chat_model / "tokenizer.json"))
     data = Dataset(str(tmp_path / "chat"))
-    encoding = bpe.load(str(chat_model / "model" / "tokenizer.json"))
+    encoding = bpe.load(str(chat_model / "tokenizer.json"))
     for split, tokens in data.splits.items():
         answers = encoding.decode(tokens[data.masks[split] == 1].tolist())
         assert re.fullmatch(r"(cd \d<\|im_end\|>)+", answers)
@@ -183,7 +173,7 @@ def recipe(chat_model, tmp_path_factory):
     (root / "mmlu.jsonl").write_text(mmlu_lines(4))
     model = root / "model"
     tiny = {  # per script: the test's paths and sizes, after the README's own arguments
-        "convert.py": f"--source={chat_model / 'tiny.gguf'} --out_dir={model}",
+        "convert.py": f"--source={chat_model.parent / 'tiny.gguf'} --out_dir={model}",
         "data/text/prepare.py": f"--source={root / 'my_chats.jsonl'} --tokenizer={model / 'tokenizer.json'} "
                                 f"--out={root / 'mine'}",
         "data/mmlu/prepare.py": f"--tokenizer={model / 'tokenizer.json'} --out={root / 'mmlu'} "
@@ -285,7 +275,7 @@ def test_our_safetensors_writer_and_reader_agree_with_the_safetensors_package(tm
 # --- bad input: one line, exit code 2, nothing written ---------------------------------------------
 
 def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_model, recipe, tmp_path):
-    tok = f"--tokenizer={chat_model / 'model' / 'tokenizer.json'}"
+    tok = f"--tokenizer={chat_model / 'tokenizer.json'}"
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "nofield.jsonl").write_text('{"text": "ab"}\n{"body": "cd"}\n')
     chat = lambda *messages: json.dumps({"messages": [dict(role=r, content=c) for r, c in messages]}) + "\n"
@@ -294,7 +284,7 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ab cd".encode("latin-1"))
     other = tmp_path / "other_template"
     other.mkdir()
-    data = json.load(open(chat_model / "model" / "tokenizer.json"))
+    data = json.load(open(chat_model / "tokenizer.json"))
     (other / "tokenizer.json").write_text(json.dumps({**data, "chat_template": "{{ bos_token }}[INST]"}))
     (tmp_path / "broken_tokenizer.json").write_text("{not json")
     (tmp_path / "no_bos_tokenizer.json").write_text(json.dumps({k: v for k, v in data.items() if k != "bos"}))
