@@ -14,6 +14,7 @@ import torch
 from config import UserError
 from files import atomic_torch_save
 from model import GPT, GPTConfig
+from tokenizer import fingerprint as tokenizer_fingerprint
 
 
 def save_checkpoint(path, model, state_dict=None, **fields):
@@ -45,6 +46,16 @@ def load_checkpoint(path, device="cpu"):
     if bad:
         raise UserError(f"checkpoint {path} holds NaN or infinite weights ({bad[0]}): it comes from a diverged or "
                         "damaged run; use an earlier checkpoint or re-create it")
+    # a converted model's weights and tokenizer are two files written together; a convert.py killed
+    # between its two renames, or run again into the same folder, leaves weights beside another
+    # model's tokenizer: they carry the tokenizer's fingerprint to tell
+    tokenizer = ckpt.get("tokenizer")
+    if isinstance(tokenizer, dict) and os.path.isfile(tokenizer.get("tokenizer_path") or ""):
+        found = tokenizer_fingerprint(tokenizer["tokenizer_path"])
+        if found != tokenizer.get("tokenizer"):
+            raise UserError(f"checkpoint {path} was made with tokenizer {tokenizer.get('tokenizer')}, but "
+                            f"{tokenizer['tokenizer_path']} is now {found} (a convert.py into that folder was "
+                            "interrupted or replaced it): run convert.py again")
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])

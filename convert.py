@@ -327,9 +327,10 @@ def main():
                         f"({', '.join(wrong[:4])}): the file is damaged or not a plain Llama-family model")
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(w)) for k, w in weights.items()})
 
-    # -- both files written in full under temporary names first, then renamed together: a kill leaves
-    # the old pair or the new one, never a tokenizer of one conversion beside the weights of another.
-    # The folder is locked while they are written (what it held stays until they replace it)
+    # -- both files written in full under temporary names first, then renamed one after the other:
+    # a kill before the renames leaves the old pair, after them the new one. A kill between them leaves
+    # new weights beside the old tokenizer, which no script loads: the weights carry their tokenizer's
+    # fingerprint (checkpoint.load_checkpoint compares). The folder is locked while they are written
     claim_out_dir(out_dir, True, False, source_files)
     for name in ("tokenizer.json", "ckpt.pt"):
         remove_stale_temporaries(os.path.join(out_dir, name))

@@ -44,6 +44,9 @@ time_runs = ""                                   # comma-separated run folders a
 device = "auto"
 dtype = "float32"                                # "bfloat16" autocasts the matmuls;
                                                  # "auto": bfloat16 where this machine runs it fast
+memory_gb = 3.0                                  # the most logits held at once: 2/3 a batch's, 1/3 the
+                                                 # reference's kept between checkpoints (beyond: smaller
+                                                 # batches, recomputed reference logits; same numbers)
 # -- comparison at matched loss, from finetuning logs instead of checkpoints
 logs = ""                                        # comma-separated name=path/to/log.jsonl
 match = ""                                       # key=target, e.g. val_loss/es=4.744
@@ -57,19 +60,21 @@ match = ""                                       # key=target, e.g. val_loss/es=
 LOG_NAMES = {"loss": "val_loss", "kl": "val_kl", "accuracy": "accuracy"}
 
 
-# memory for one evaluation batch's logits (and the float32 copies the losses make of them), and for
-# the reference logits kept between calls: beyond these, batches get smaller and logits are recomputed,
-# so memory does not grow with the number of windows (a 49k vocabulary makes 200 MB of a 256-token window)
-LOGITS_BYTES = 2 << 30
-REFERENCE_CACHE_BYTES = 1 << 30
+# memory for the logits evaluation holds at once: 2/3 for one batch's (and the float32 copies the
+# losses make of them), 1/3 for the reference's logits kept between calls (on every dataset together).
+# Beyond these, batches get smaller and reference logits are recomputed, so memory does not grow with
+# the number of windows or datasets (a 49k vocabulary makes 200 MB of logits for one 256-token window)
+MEMORY_BYTES = 3 << 30
 
 
 @torch.no_grad()
 def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", reference=None,
-                reference_cache=None, batch_size=256):
+                reference_cache=None, batch_size=256, logits_bytes=MEMORY_BYTES * 2 // 3,
+                cache_bytes=MEMORY_BYTES // 3):
     """Validation numbers on the fixed validation sequences, from one forward pass of the model:
     "loss", the mean next-token loss; "kl", the mean KL(reference || model), when a frozen reference
-    is given (its logits can be kept between calls: pass a dict as reference_cache, one per dataset);
+    is given (its logits can be kept between calls: pass a dict as reference_cache, one per dataset,
+    which holds at most cache_bytes; a batch's logits take at most logits_bytes);
     and on a toy task's rows "accuracy", the exact-match accuracy of greedy decoding. That needs no
     decoding: greedy decoding writes a row's whole answer exactly when, fed the true answer so far,
     the model's most likely next token is the true one at every answer position (where decoding
@@ -79,7 +84,7 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
     cache = reference_cache
     seq_len = meta.get("row_len") or block_size
     if seq_len:
-        batch_size = max(1, min(batch_size, LOGITS_BYTES // (seq_len * model.config.vocab_size * 4 * 4)))
+        batch_size = max(1, min(batch_size, logits_bytes // (seq_len * model.config.vocab_size * 4 * 4)))
     totals, count = {"loss": 0.0}, 0
     if reference is not None:
         totals["kl"] = 0.0
@@ -99,7 +104,7 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
                 reference_logits = reference(x)
                 kept = sum(t.numel() * t.element_size() for t in cache.values()) if cache is not None else 0
                 if cache is not None and kept + reference_logits.numel() * reference_logits.element_size() \
-                        <= REFERENCE_CACHE_BYTES:
+                        <= cache_bytes:
                     cache[i] = reference_logits
             totals["kl"] += kl_loss(logits, reference_logits, mask).item() * len(x)
         if answers:
@@ -165,10 +170,12 @@ def evaluate_benchmark(model, bench, device="cpu", progress=False):
     return {**means, "items": numbers}
 
 
-def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None, reference_logits=None):
+def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None, reference_logits=None,
+                  memory_bytes=MEMORY_BYTES):
     """evaluate_on on every dataset of sets ({name: dataset}), in eval mode: {short name: numbers}
     (a benchmark among them: evaluate_benchmark). reference_logits: a dict kept between calls, in
-    which the frozen reference's logits on each dataset's fixed sequences are computed once."""
+    which the frozen reference's logits on each dataset's fixed sequences are computed once (as far
+    as a third of memory_bytes holds them)."""
     was_training = model.training
     model.eval()
     results = {}
@@ -177,7 +184,11 @@ def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None
             results[d.short_name] = evaluate_benchmark(model, d, device)
             continue
         cache = None if reference_logits is None else reference_logits.setdefault(name, {})
-        results[d.short_name] = evaluate_on(model, d, block_size, max_sequences, device, reference, cache)
+        held_elsewhere = sum(t.numel() * t.element_size() for other, kept in (reference_logits or {}).items()
+                             if other != name for t in kept.values())
+        results[d.short_name] = evaluate_on(model, d, block_size, max_sequences, device, reference, cache,
+                                            logits_bytes=memory_bytes * 2 // 3,
+                                            cache_bytes=memory_bytes // 3 - held_elsewhere)
     model.train(was_training)
     return results
 
@@ -235,7 +246,7 @@ reference_logits = {}
 def measure(model, data, dev, reference_model=None):
     """{short name: numbers} for one checkpoint; its KL to the reference model is kl_to_reference."""
     results = evaluate_sets(model, {d.name: d for d in data}, block_size or model.config.block_size,
-                            eval_sequences, dev, reference_model, reference_logits)
+                            eval_sequences, dev, reference_model, reference_logits, int(memory_gb * 2 ** 30))
     return {short: {("kl_to_reference" if k == "kl" else k): v for k, v in numbers.items()}
             for short, numbers in results.items()}
 
@@ -336,6 +347,8 @@ def main():
     if logs:
         return compare_at_matched_loss()
     check_outputs()
+    if not memory_gb > 0:
+        raise UserError(f"--memory_gb={memory_gb} must be a positive number of GiB (e.g. 3)")
     missing = [f for f in time_runs.split(",") if f and not os.path.exists(f)]
     if missing:
         raise UserError(f"--time_runs: {missing[0]} does not exist: give the experiment's run "

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 import tokenizer as bpe
+from checkpoint import load_checkpoint
 from config import UserError, run
 from convert import GGUF_NAMES, HF_BLOCK_NAMES, HF_TOP_NAMES, SAFETENSORS_DTYPES, permute_rope_rows
 from files import atomic_path, check_writable
-from model import GPTConfig
 
 checkpoint = "out/finetune/ckpt.pt"
 out_dir = "out/export"
@@ -46,11 +46,8 @@ def load(path):
     the tokenizer data also holds the GGUF tokenizer flags convert.py kept ("gguf")."""
     if not os.path.exists(path):
         raise UserError(f"--checkpoint={path} not found: pass a finetune.py or convert.py checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        config, weights = GPTConfig(**ckpt["model_config"]), ckpt["model"]
-    except Exception:
-        raise UserError(f"{path} is not a nanoreplay checkpoint: pass finetune.py's out_dir/ckpt.pt") from None
+    model, ckpt = load_checkpoint(path)   # finite weights that fit their config, beside their own tokenizer
+    config, weights = model.config, ckpt["model"]
     if config.mlp != "swiglu" or not config.norm_gain:
         raise UserError(f"{path} is the paper's GPT, which no serving format describes: export reads "
                         "released models (convert.py, then finetune.py)")

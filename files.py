@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import resource
 import socket
 import sys
 import tempfile
@@ -209,18 +210,38 @@ def atomic_path(path, suffix=""):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"the disk is full writing {path} (the earlier file, if any, is intact): free "
-                            "space and run again") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise UserError(no_room(path, e.errno)) from None
         raise
-    except RuntimeError as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-        if "No space left" in str(e) or "file write failed" in str(e):
-            raise UserError(f"the disk is full writing {path} (the earlier file, if any, is intact): free "
-                            "space and run again") from None
+    except RuntimeError:
+        # torch.save's zip writer reports a failed write without its cause: look for one
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if written >= file_size_limit():
+            raise UserError(no_room(path, errno.EFBIG)) from None
+        if free_bytes(path) < 64 << 20:
+            raise UserError(no_room(path, errno.ENOSPC)) from None
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def free_bytes(path):
+    stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    return stat.f_bavail * stat.f_frsize
+
+
+def file_size_limit():
+    """The largest file this process may write (ulimit -f), in bytes; infinite when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return float("inf") if soft == resource.RLIM_INFINITY else soft
+
+
+def no_room(path, code):
+    if code == errno.EFBIG:
+        return (f"{path} would be larger than this process may write (ulimit -f {file_size_limit() // 1024:.0f} "
+                "KiB; the earlier file, if any, is intact): raise the limit and run again")
+    return f"the disk is full writing {path} (the earlier file, if any, is intact): free space and run again"
 
 
 def atomic_write_text(path, text):

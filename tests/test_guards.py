@@ -90,6 +90,9 @@ def world(toy_data, tmp_path_factory):
     del ckpt["model"]["unembed.weight"]                    # weights that do not fit the model_config
     torch.save(ckpt, w / "mismatch_ckpt.pt")
     ckpt = torch.load(w / "pre" / "ckpt.pt", weights_only=True)
+    ckpt["model"]["unembed.weight"] = ckpt["model"]["unembed.weight"][:, :-1]   # ... one column short
+    torch.save(ckpt, w / "wrong_shape_ckpt.pt")
+    ckpt = torch.load(w / "pre" / "ckpt.pt", weights_only=True)
     ckpt["model_config"]["n_experts"] = 8                  # a config key this GPT does not have
     torch.save(ckpt, w / "unknown_config_ckpt.pt")
     ckpt = torch.load(w / "pre" / "ckpt.pt", weights_only=True)
@@ -144,6 +147,8 @@ def cases(t, w):
          "NaN or infinite"),
         ("weights that do not fit model_config", [*finetune, fresh, f"--init_from={w['w']}/mismatch_ckpt.pt"],
          "do not fit its model_config"),
+        ("weights of the wrong shape", [*evaluate[:1], f"--checkpoints={w['w']}/wrong_shape_ckpt.pt", *evaluate[2:]],
+         "do not fit its model_config"),
         ("a model_config with an unknown key", [sample[0], f"--init_from={w['w']}/unknown_config_ckpt.pt",
                                                 *sample[2:]], "do not fit its model_config"),
         # 3. sizes that cannot fit, refused before anything is allocated
@@ -161,6 +166,7 @@ def cases(t, w):
                                                 f"--time_runs={w['w']}/torn_run"], "cannot be read"),
         ("evaluate --time_runs on a damaged corpus", [*evaluate, f"--datasets={t['add']}",
                                                       f"--time_runs={w['w']}/torn_replay.pt"], "cannot be read"),
+        ("evaluate --memory_gb=0", [*evaluate, f"--datasets={t['add']}", "--memory_gb=0"], "--memory_gb"),
         ("evaluate --block_size above the model's", [*evaluate, f"--datasets={t['add']}", "--block_size=4096"],
          "is longer than"),
         ("a prepare script given a bad option", ["data/arithmetic/prepare.py", "--digits=x"], "cannot parse"),
@@ -259,6 +265,27 @@ def test_two_runs_on_one_folder_the_second_is_refused_and_a_stale_lock_is_taken_
     assert not (tmp_path / "run" / ".lock").exists()  # released at the end
 
 
+def test_four_runs_started_at_once_on_a_stale_lock_one_runs_and_three_are_refused(toy_data, tmp_path):
+    """A lock left by a killed run, and four pretrain.py started on its folder together: exactly one
+    runs (its log is one run's, step by step), each other stops with one line, and the lock goes."""
+    import socket
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 1, "host": socket.gethostname()}))   # no such process
+    argv = [sys.executable, "pretrain.py", f"--datasets={toy_data['add']}", "--device=cpu", "--max_steps=20",
+            "--eval_interval=10", "--eval_sequences=8", "--batch_size=8", *TINY, f"--out_dir={run}"]
+    runs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for _ in range(4)]
+    results = [(p.wait(), p.stderr.read()) for p in runs]
+    assert sorted(rc for rc, _ in results) == [0, 2, 2, 2], results
+    for rc, stderr in results:
+        errors = [l for l in stderr.splitlines() if l.startswith("error:")]
+        assert rc == 0 or (len(errors) == 1 and ("is in use by process" in errors[0]
+                                                 or "already holds a run" in errors[0])), stderr[-1500:]
+    assert [json.loads(l)["step"] for l in open(run / "log.jsonl")] == [0, 10, 20]
+    assert not (run / ".lock").exists()
+
+
 def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_processes(tmp_path):
     """Eight processes at once on a lock left by a killed run, twenty times: one wins each time."""
     import multiprocessing
@@ -313,7 +340,24 @@ def test_running_out_of_memory_is_one_line_and_a_fresh_run_leaves_nothing(toy_da
     assert not os.path.exists(tmp_path / "run" / "log.jsonl") and not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
 
-def test_a_full_disk_is_named_and_the_earlier_file_stays(tmp_path):
+def test_a_write_that_finds_no_room_is_named_and_the_earlier_file_stays(world, toy_data, tmp_path):
+    """sample_replay replacing a corpus (--overwrite=True) with a larger one, in a process that may
+    write files of 16 KiB at most (as a full disk would stop it): one line, exit 2, the earlier
+    corpus unchanged, no temporary or partial file left."""
+    import resource
+    shutil.copy(world["replay"], tmp_path / "replay.pt")
+    before = snapshot(tmp_path)
+    limit = 16 << 10
+    result = script("sample_replay.py", f"--init_from={world['pre']}/ckpt.pt", f"--prompts={toy_data['add']}",
+                    "--num_samples=4096", "--batch_size=4096", "--device=cpu", f"--out={tmp_path}/replay.pt",
+                    "--overwrite=True", preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "would be larger than this process may write" in errors[0] \
+        and "earlier file, if any, is intact" in errors[0], result.stderr[-1500:]
+    assert snapshot(tmp_path) == before and os.listdir(tmp_path) == ["replay.pt"]
+
+
+def test_a_full_disk_is_named_as_such(tmp_path):
     import errno
     from config import UserError
     from files import atomic_path
@@ -324,6 +368,41 @@ def test_a_full_disk_is_named_and_the_earlier_file_stays(tmp_path):
             open(tmp, "w").write("half of it")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert path.read_text() == "earlier" and os.listdir(tmp_path) == ["results.json"]
+
+
+def peak_memory(argv):
+    """(exit code, stderr, the peak resident memory in bytes) of a script run."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, stderr, usage.ru_maxrss * 1024   # Linux reports KiB
+
+
+def test_evaluation_memory_stays_inside_its_budget_however_many_windows(tmp_path):
+    """evaluate.py keeps the reference's logits for later checkpoints and batches windows: with a
+    16k vocabulary each 64-token window's logits take 4 MiB, so 256 windows would hold 1 GiB. Under
+    --memory_gb=0.03 the peak grows by less than twice the budget from 4 windows to 256."""
+    data = tmp_path / "wide"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        rng.integers(0, 1 << 14, 20_000, dtype=np.uint16).tofile(data / f"{split}.bin")
+    (data / "meta.json").write_text(json.dumps({"kind": "text", "tokenizer": "test-16k", "vocab_size": 1 << 14,
+                                                "dataset_token": 0, "row_len": None, "token_dtype": "uint16"}))
+    run_script("pretrain", datasets=str(data), out_dir=str(tmp_path / "pre"), max_steps=1, eval_interval=1,
+               eval_sequences=4, batch_size=4, block_size=64, device="cpu", **TINY_MODEL)
+    ckpt, budget = tmp_path / "pre" / "ckpt.pt", 0.03
+    peaks = {}
+    for windows in (4, 256):
+        rc, stderr, peaks[windows] = peak_memory(["evaluate.py", f"--checkpoints=a={ckpt},b={ckpt}",
+                                                  f"--reference={ckpt}", f"--datasets={data}", "--device=cpu",
+                                                  f"--eval_sequences={windows}", f"--memory_gb={budget}",
+                                                  f"--out_json={tmp_path}/eval{windows}.json"])
+        assert rc == 0, stderr[-1500:]
+    assert json.loads((tmp_path / "eval256.json").read_text())["metrics"]["a"]["wide"]["kl_to_reference"] == 0
+    assert peaks[256] - peaks[4] < 2 * budget * 2 ** 30, peaks
 
 
 def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):

@@ -153,20 +153,18 @@ class RowSet:
             yield self.rows[i:i + batch_size]
 
 
-def test_evaluation_numbers_do_not_depend_on_the_memory_it_may_use(toy_data, monkeypatch):
+def test_evaluation_numbers_do_not_depend_on_the_memory_it_may_use(toy_data):
     """Small logits and cache budgets make smaller batches and recompute the reference's logits (so
     memory does not grow with the number of windows): the numbers stay the same."""
-    import evaluate
     from model import GPT, GPTConfig
     data = Dataset(toy_data["add"])
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=data.meta["vocab_size"], block_size=data.row_len, **TINY_MODEL)
     model, reference = GPT(config).eval(), GPT(config).eval()
     roomy = evaluate_on(model, data, None, 64, reference=reference, reference_cache={})
-    monkeypatch.setattr(evaluate, "LOGITS_BYTES", data.row_len * config.vocab_size * 16 * 5)   # 5 rows a batch
-    monkeypatch.setattr(evaluate, "REFERENCE_CACHE_BYTES", 0)
     cache = {}
-    tight = evaluate_on(model, data, None, 64, reference=reference, reference_cache=cache)
+    tight = evaluate_on(model, data, None, 64, reference=reference, reference_cache=cache,
+                        logits_bytes=data.row_len * config.vocab_size * 16 * 5, cache_bytes=0)   # 5 rows a batch
     assert not cache and tight == pytest.approx(roomy, rel=1e-6) and set(tight) == {"loss", "kl", "accuracy"}
 
 

@@ -408,6 +408,8 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
         if change is None:
             (tmp_path / name / "config.json").write_text("{not json")
     write_gguf(str(tmp_path / "no_kv_heads.gguf"), w, dims={**GGUF_DIMS, "n_kv": 0})
+    write_gguf(str(tmp_path / "odd_kv_heads.gguf"), w, dims={**GGUF_DIMS, "n_kv": 3})   # 4 query heads in 3 groups
+    write_gguf(str(tmp_path / "more_blocks.gguf"), w, dims={**GGUF_DIMS, "depth": GGUF_DIMS["depth"] + 1})
     write_hf_folder(str(tmp_path / "hf_huge_shape"), random_llama(len(TOKENS), **GGUF_DIMS, tie=False, qk_norm=False),
                     hf_config, SPLIT_THEN_BYTELEVEL)
     shards = tmp_path / "hf_huge_shape" / "model.safetensors"   # a header that claims a tensor of 10^12 rows
@@ -432,6 +434,8 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
         (["convert.py", f"--source={tmp_path / 'hf_more_layers'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'hf_not_json'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'no_kv_heads.gguf'}"], "do not describe a Llama-family model"),
+        (["convert.py", f"--source={tmp_path / 'odd_kv_heads.gguf'}"], "do not describe a Llama-family model"),
+        (["convert.py", f"--source={tmp_path / 'more_blocks.gguf'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'hf_huge_shape'}"], "do not describe a Llama-family model"),
         (["convert.py", f"--source={tmp_path / 'missing.gguf'}"], "not found"),
         (["convert.py", f"--source={tmp_path}"], "lacks config.json"),
@@ -478,3 +482,16 @@ def test_convert_never_writes_over_a_checkpoint_or_into_its_source_and_replaces_
     replaced = script("convert.py", f"--source={gguf_file}", f"--out_dir={tmp_path / 'model'}", "--overwrite=True")
     assert replaced.returncode == 0, replaced.stderr[-1500:]
     assert sorted(os.listdir(tmp_path / "model")) == ["ckpt.pt", "tokenizer.json"]   # the old run's log went too
+    # killed between its two renames: the new weights beside the old tokenizer. No script uses the pair
+    old_tokenizer = (tmp_path / "model" / "tokenizer.json").read_bytes()
+    shutil.copy(gguf_file, tmp_path / "other.gguf")   # another model's tokenizer (its name differs)
+    assert script("convert.py", f"--source={tmp_path / 'other.gguf'}", f"--out_dir={tmp_path / 'model'}",
+                  "--overwrite=True").returncode == 0
+    (tmp_path / "model" / "tokenizer.json").write_bytes(old_tokenizer)
+    for argv in (["sample_replay.py", "--num_samples=2", "--device=cpu", f"--out={tmp_path / 'corpus.pt'}"],
+                 ["export.py", f"--out_dir={tmp_path / 'export'}"]):
+        setting = "--checkpoint" if argv[0] == "export.py" else "--init_from"
+        result = script(*argv, f"{setting}={tmp_path / 'model' / 'ckpt.pt'}")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "run convert.py again" in lines[0], result.stderr[-1500:]
+    assert not (tmp_path / "corpus.pt").exists() and not (tmp_path / "export").exists()

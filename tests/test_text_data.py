@@ -1,9 +1,12 @@
 """Real-text data: the SWORD zText reader (on a module the test builds), the BPE tokenizer served by
 tiktoken, and the C4 parser (on small local files): no internet, no installed packages needed."""
+import base64
 import gzip
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -13,6 +16,8 @@ import tokenizer as bpe
 from dataset import Dataset
 from data.bible import prepare as bible
 from data.c4 import prepare as c4
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_ztext(module_dir, testament, entries):
@@ -139,6 +144,29 @@ def test_a_run_without_spaces_is_trained_on_in_pieces_of_bounded_length():
     text = "ab" * 10_000 + " ab ab"
     merges = bpe.train_bpe(text, vocab_size=bpe.N_RESERVED + 256 + 40)
     assert max(map(len, merges)) == bpe.MAX_CHUNK   # the longest merge is one whole piece
+
+
+def test_bible_prepare_on_text_with_a_60k_character_word_trains_in_bounded_pieces(tmp_path):
+    """Through the real script: a verse holding a 60,000-character run without spaces (minified
+    code, a base64 blob) is trained on in pieces of MAX_CHUNK characters, so no token is longer than
+    a piece (uncut, the run's repeats would merge into tokens of thousands of bytes), and the
+    datasets still decode back to the text."""
+    blob = "".join(chr(ord("a") + i % 7) for i in range(60_000))   # (a verse holds 64 KiB at most)
+    english = ENGLISH_OT[:4] + [f"Blob {blob} ends here."] + ENGLISH_OT[4:]
+    root = tmp_path / "sword"
+    write_ztext(str(root / "modules" / "texts" / "ztext" / "engWEBtest"), "ot", english)
+    write_ztext(str(root / "modules" / "texts" / "ztext" / "spaRV1909test"), "ot", SPANISH_OT)
+    for module in ("engWEBtest", "spaRV1909test"):
+        write_ztext(str(root / "modules" / "texts" / "ztext" / module), "nt", ['<chapter osisID="Matt.1" sID="Matt.1"/>Amen.'])
+    result = subprocess.run([sys.executable, "data/bible/prepare.py", f"--modules_dir={root}", "--vocab_size=400",
+                             f"--out={tmp_path / 'bible'}"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1500:]
+    merges = json.load(open(tmp_path / "bible" / "tokenizer.json"))["merges"]
+    assert len(merges) > 40 and max(len(base64.b64decode(m)) for m in merges) == bpe.MAX_CHUNK == 256
+    en = Dataset(str(tmp_path / "bible" / "en"))
+    text = bpe.load(str(tmp_path / "bible" / "tokenizer.json")).decode(
+        np.concatenate([en.splits["train"], en.splits["val"]]).tolist())
+    assert f"Blob {blob} ends here." in text
 
 
 def test_c4_parser_reads_documents_and_splits_them(tmp_path):
