@@ -11,9 +11,11 @@ Speed, measured side by side in one run on the same model dims:
    step does the same work per token, so 1.0 is the goal) for the toy model, the CPU-mini text model
    and SmolLM2-135M (convert.py's checkpoint, or its shape with random weights), at the batch sizes
    the scripts sample with;
-3. on CUDA only: causal attention forward+backward, flash (ours) vs SDPA vs naive (materialised
-   T x T), at T = 256 ... 4096 with head dim 64, in ms and TFLOP/s, and the model FLOP utilisation of
-   the training step against a bf16 matrix product timed on the same GPU.
+3. the hardware's peak, measured here: a large float32 and bfloat16 matrix product, and every
+   training step (toy, text, SmolLM2) and sampling row as a fraction of the peak of the dtype it runs
+   in (model FLOP utilisation, "MFU": the model's matmul FLOPs per second / the product's);
+4. on CUDA only: causal attention forward+backward, flash (ours) vs SDPA vs naive (materialised
+   T x T), at T = 256 ... 4096 with head dim 64, in ms and TFLOP/s.
 
 Prints markdown tables and writes results/bench.json (train_speedup_vs_baseline,
 sample_speedup_vs_naive, sample_vs_forward, ...).
@@ -29,9 +31,9 @@ import torch.nn.functional as F
 
 import model as model_module
 from checkpoint import load_checkpoint
-from config import pick_device, run
+from config import pick_device, pick_dtype, run
 from files import write_json
-from model import GPT, GPTConfig, paper_parameter_count
+from model import GPT, GPTConfig
 from objective import kl_loss, ntp_loss
 
 width = 128
@@ -45,7 +47,8 @@ timed_steps = 30
 sample_batch = 64          # replay corpora are sampled in large batches (sample_replay.py: 1024)
 new_tokens = 128
 sample_repeats = 3         # sample_vs_forward: the median of this many timed runs of each
-smollm2_checkpoint = "out/smollm2/ckpt.pt"  # convert.py's output; without it the smollm2 row is null
+smollm2_checkpoint = "out/smollm2/ckpt.pt"  # convert.py's output; without it: SmolLM2's shape, random weights
+profile = False            # print where the SmolLM2 training step's time goes (torch.profiler, top operators)
 device = "auto"
 out_json = "results/bench.json"
 
@@ -75,22 +78,46 @@ def timed(fn, dev, warmup, steps):
     return (time.time() - t0) / steps, warm
 
 
-def new_model(dev, block=None):
+def new_model(dev, block=None, config=None):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size, block or block_size, width, depth, head_dim)
+    config = config or GPTConfig(vocab_size, block or block_size, width, depth, head_dim)
     return GPT(config).to(dev)
 
 
-def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
+def flops_per_token(config, T, training=True):
+    """Matmul FLOPs per token of a (B, T) forward (x3 for forward + backward): 2 per weight of every
+    matrix a token passes through (the blocks' and the unembedding; the embedding is a lookup), and
+    the attention's scores and weighted sum, 2 * 2 * T * n_heads * head_dim per block, halved as
+    causal. Sampling with a KV cache does the forward's work per new token."""
+    matrices = sum(p.numel() for name, p in GPT(config).named_parameters()
+                   if name.startswith("blocks.") and p.dim() == 2) + config.vocab_size * config.width
+    forward = 2 * matrices + 2 * config.depth * T * config.n_heads * config.head_dim
+    return 3 * forward if training else forward
+
+
+def matmul_peak(dev, dtype):
+    """FLOP/s of one large square matrix product in dtype on random data (8192 on a GPU, 2048 on a
+    CPU): the practical peak to measure a model against, the median of up to 5 timings (fewer where
+    one product is slow: bf16 on a CPU without native support takes seconds)."""
+    n = 8192 if dev.startswith("cuda") else 2048
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    first = timed(lambda: a @ b, dev, 1, 1)[0]
+    repeats = max(1, min(5, int(3 / first)))
+    times = sorted(timed(lambda: a @ b, dev, 0, max(1, min(10, int(0.5 / first))))[0] for _ in range(repeats))
+    return 2 * n ** 3 / times[len(times) // 2]
+
+
+def train_step_speed(dev, compiled, bf16, attention, with_kl=False, config=None, batch=None, steps=None, warmup=None):
     """Tokens/s of pretrain.py's step (or finetune.py's step with KL replay: the model on a new and a
-    replay batch, the frozen reference on the replay batch)."""
+    replay batch, the frozen reference on the replay batch); by default on the dims at the top."""
     default, model_module.ATTENTION = model_module.ATTENTION, attention
-    model = new_model(dev)
-    reference = new_model(dev).eval().requires_grad_(False)
+    model = new_model(dev, config=config)
+    reference = new_model(dev, config=config).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if compiled else model
-    x = torch.randint(0, vocab_size, (batch_size, block_size), device=dev)
-    replay = torch.randint(0, vocab_size, (batch_size, block_size), device=dev)
+    batch, T, V = batch or batch_size, model.config.block_size, model.config.vocab_size
+    x = torch.randint(0, V, (batch, T), device=dev)
+    replay = torch.randint(0, V, (batch, T), device=dev)
     autocast = torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
 
     def step():
@@ -104,10 +131,15 @@ def train_step_speed(dev, compiled, bf16, attention, with_kl=False):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds, warm = timed(step, dev, warmup_steps, timed_steps)
+    seconds, warm = timed(step, dev, warmup or warmup_steps, steps or timed_steps)
     model_module.ATTENTION = default
-    tokens = batch_size * block_size * (2 if with_kl else 1)
+    tokens = batch * T * (2 if with_kl else 1)
     return tokens / seconds, warm
+
+
+# the models the scripts train and sample, at the batches they use on a CPU (on a GPU: more sequences)
+TOY = GPTConfig(vocab_size=19, block_size=14, width=128, depth=2, head_dim=16)
+TEXT = GPTConfig(vocab_size=4096, block_size=128, width=128, depth=4, head_dim=32)
 
 
 def sampling_speed(dev):
@@ -132,13 +164,12 @@ def sampling_speed(dev):
 
 
 def sample_vs_forward(dev):
-    """{model: (sampling tokens/s, forward tokens/s)} for B sequences of T tokens: model.generate from
+    """{model: (sampling tokens/s, forward tokens/s, forward FLOPs per token)} for B sequences of T
+    tokens: model.generate from
     one prompt token against one teacher-forced forward pass over (B, T) tokens, same dtype. The
     batches are the scripts': toy_continual.sh samples 4096 at a time, english_spanish.sh 512,
     released_model.py 256."""
-    toy = GPTConfig(vocab_size=19, block_size=14, width=128, depth=2, head_dim=16)
-    text = GPTConfig(vocab_size=4096, block_size=128, width=128, depth=4, head_dim=32)
-    models = {"toy": (toy, 4096, 14), "text": (text, 512, 128), "smollm2": (smollm2_checkpoint, 256, 128)}
+    models = {"toy": (TOY, 4096, 14), "text": (TEXT, 512, 128), "smollm2": (smollm2_checkpoint, 256, 128)}
     speeds = {}
     for name, (config, batch, length) in models.items():
         torch.manual_seed(0)
@@ -165,8 +196,36 @@ def sample_vs_forward(dev):
             fn()
             times = sorted(timed(fn, dev, 0, 1)[0] for _ in range(sample_repeats))
             rates.append(tokens / times[len(times) // 2])
-        speeds[name] = tuple(rates)
+        speeds[name] = (*rates, flops_per_token(model.config, length, training=False))
     return speeds
+
+
+def smollm2_config():
+    """SmolLM2-135M's architecture: from convert.py's checkpoint where there is one."""
+    if os.path.exists(smollm2_checkpoint):
+        return GPTConfig(**load_checkpoint(smollm2_checkpoint)[1]["model_config"])
+    return SMOLLM2_SHAPE
+
+
+def where_the_time_goes(dev, config, batch, bf16):
+    """The SmolLM2 training step's top operators by their own time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    model = new_model(dev, config=config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, config.vocab_size, (batch, config.block_size), device=dev)
+
+    def step():
+        with torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+            ntp_loss(model(x), x).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+    sort = "self_cuda_time_total" if dev.startswith("cuda") else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40))
 
 
 def attention_speeds(dev):
@@ -196,13 +255,6 @@ def attention_speeds(dev):
     return rows
 
 
-def matmul_peak(dev, n=8192):
-    """FLOP/s of a bf16 n x n x n matrix product on random data: the GPU's practical peak, the median of 5."""
-    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    times = sorted(timed(lambda: a @ b, dev, 3, 10)[0] for _ in range(5))
-    return 2 * n ** 3 / times[2]
-
-
 def main():
     dev = pick_device(device)
     on_cuda = dev.startswith("cuda")
@@ -218,11 +270,45 @@ def main():
     }
     if on_cuda:
         variants["compiled bf16, our flash kernel"] = (True, True, "flash")
+    # the peak to measure against: a large matrix product in each dtype, timed here
+    peaks = {"float32": matmul_peak(dev, torch.float32), "bfloat16": matmul_peak(dev, torch.bfloat16)}
+    print("matrix product peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items())
+          + ("" if on_cuda else f"; CPU capability {torch.backends.cpu.get_cpu_capability()}"))
+    bf16_fast = pick_dtype("auto", dev) == "bfloat16"
+
+    def mfu(tokens_per_second, config, bf16, training=True):
+        return tokens_per_second * flops_per_token(config, config.block_size, training) / \
+            peaks["bfloat16" if bf16 else "float32"]
+
+    bench_config = new_model("cpu").config
     train = {name: train_step_speed(dev, *v) for name, v in variants.items()}
     base = train["baseline: eager fp32 SDPA"][0]
-    print("\n| training step | tokens/s | vs baseline | first steps (s) |\n|---|---|---|---|")
+    print("\n| training step | tokens/s | vs baseline | MFU | first steps (s) |\n|---|---|---|---|---|")
     for name, (tps, warm) in train.items():
-        print(f"| {name} | {tps:,.0f} | {tps / base:.2f}x | {warm:.1f} |")
+        print(f"| {name} | {tps:,.0f} | {tps / base:.2f}x | {mfu(tps, bench_config, variants[name][1]):.1%} "
+              f"| {warm:.1f} |")
+
+    # the training step of each model the scripts train, as they run it here: eager on a CPU (compiled
+    # on CUDA), in float32 and, where this machine multiplies in it fast, bf16 (finetune.py's step
+    # with KL replay for SmolLM2, at released_verilog.py's CPU batch of 8 + 8 windows of 64 tokens;
+    # its MFU leaves out the frozen reference's forward pass on the replay batch: a lower bound)
+    smollm2 = smollm2_config()
+    steps = {"toy": (TOY, 192, False), "text": (TEXT, 32, False),
+             "smollm2": (GPTConfig(**{**smollm2.to_dict(), "block_size": 64}), 8, True)}
+    model_mfu = {}
+    print("\n| model | dtype | training tokens/s | MFU |\n|---|---|---|---|")
+    for name, (config, batch, with_kl) in steps.items():
+        for bf16 in ([False, True] if bf16_fast else [False]):
+            slow = name == "smollm2" and not on_cuda   # seconds a step: fewer of them
+            tps = train_step_speed(dev, on_cuda, bf16, hot_attention, with_kl, config, batch,
+                                   steps=3 if slow else None, warmup=1 if slow else None)[0]
+            dtype = "bfloat16" if bf16 else "float32"
+            model_mfu[f"{name}/{dtype}"] = {"tokens_per_second": tps, "mfu": mfu(tps, config, bf16)}
+            print(f"| {name} | {dtype} | {tps:,.0f} | {model_mfu[f'{name}/{dtype}']['mfu']:.1%} |")
+    if not bf16_fast:
+        print("(no bf16 rows: this machine multiplies in bf16 more slowly than in float32)")
+    if profile:
+        where_the_time_goes(dev, steps["smollm2"][0], steps["smollm2"][1], bf16_fast)
 
     kl_base = train_step_speed(dev, False, False, "sdpa", with_kl=True)[0]
     kl_hot = train_step_speed(dev, True, True, hot_attention, with_kl=True)[0]
@@ -235,13 +321,18 @@ def main():
           f"({compiled / naive:.1f}x), naive prefix recomputation {naive:,.0f} tokens/s")
 
     ratios = sample_vs_forward(dev)
-    print("\n| model | sampling tokens/s | forward tokens/s | sampling / forward |\n|---|---|---|---|")
+    print("\n| model | sampling tokens/s | forward tokens/s | sampling / forward | sampling MFU | forward MFU |"
+          "\n|---|---|---|---|---|---|")
     for name, r in ratios.items():
-        if r is not None:
-            print(f"| {name} | {r[0]:,.0f} | {r[1]:,.0f} | {r[0] / r[1]:.2f}x |")
+        print(f"| {name} | {r[0]:,.0f} | {r[1]:,.0f} | {r[0] / r[1]:.2f}x | {r[0] * r[2] / peaks['float32']:.1%} "
+              f"| {r[1] * r[2] / peaks['float32']:.1%} |")
 
     report = {
         "device": torch.cuda.get_device_name() if on_cuda else f"cpu, {torch.get_num_threads()} threads",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "matmul_peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
+        "train_mfu": {name: mfu(v[0], bench_config, variants[name][1]) for name, v in train.items()},
+        "model_train": model_mfu,
         "config": {k: globals()[k]
                    for k in ("width", "depth", "head_dim", "block_size", "vocab_size", "batch_size")},
         "train_tokens_per_second": {name: v[0] for name, v in train.items()},
@@ -253,6 +344,7 @@ def main():
         "sample_vs_forward": {k: None if r is None else r[0] / r[1] for k, r in ratios.items()},
         "sample_vs_forward_tokens_per_second": {k: None if r is None else {"sample": r[0], "forward": r[1]}
                                                 for k, r in ratios.items()},
+        "sample_mfu": {k: r[0] * r[2] / peaks["float32"] for k, r in ratios.items()},
     }
     if on_cuda:
         rows = attention_speeds(dev)
@@ -262,14 +354,6 @@ def main():
             cells = [f"{r[k]:.3f} ({r[k + '_tflops']:.0f})" if k in r else "-" for k in ("flash", "sdpa", "naive")]
             print(f"| {r['T']} | {' | '.join(cells)} | {r['sdpa'] / r.get('flash', float('nan')):.2f}x |")
         report["attention_ms"] = rows
-        # model FLOPs per token: 6 N for the weights plus 6 L T D for attention (causal halves 12 L T D)
-        n_params = paper_parameter_count(depth, width, vocab_size)
-        flops_per_token = 6 * n_params + 6 * depth * block_size * width
-        peak = matmul_peak(dev)
-        report["bf16_matmul_tflops"] = peak / 1e12
-        report["mfu"] = train["hot path: compiled bf16"][0] * flops_per_token / peak
-        print(f"\nMFU of the hot-path training step: {report['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s "
-              f"(a bf16 8192^3 matrix product measured here)")
     write_json(out_json, report)
     print(f"\nwrote {out_json}")
 

@@ -84,10 +84,9 @@ def restore_rng(rng, state):
         torch.set_rng_state(state["torch"])
 
 
-def train_state(optimizer, rng, cooldown_from, **more):
+def train_state(optimizer_state, rng, cooldown_from, **more):
     """What a checkpoint holds beyond the weights to continue its run bit for bit."""
-    return {"optimizer": optimizer.state_dict(), "rng": rng_state(rng), "cooldown_from": cooldown_from,
-            **more}
+    return {"optimizer": optimizer_state, "rng": rng_state(rng), "cooldown_from": cooldown_from, **more}
 
 
 def load_for_resume(path, run_config, inputs=None, input_settings=()):
@@ -116,17 +115,21 @@ def load_for_resume(path, run_config, inputs=None, input_settings=()):
     return ckpt
 
 
-def resume_run(path, run_config, inputs, model, optimizer, rng, input_settings=()):
+def resume_run(path, run_config, inputs, model, optimizer, rng, input_settings=(), load=None):
     """--resume: the run saved at `path` (checked by load_for_resume), loaded into the model, the
     optimizer and the random generators. None: nothing saved yet, start from scratch; a finished
-    run comes back untouched."""
+    run comes back untouched. load(model, optimizer, weights, optimizer_state): another way to load
+    (a sharded model's)."""
     saved = load_for_resume(path, run_config, inputs, input_settings)
     if saved is None or saved.get("finished"):
         return saved
     state = saved["train_state"]
     # finetune keeps the trained model's own weights here: with LoRA they are not the plain ones
-    model.load_state_dict(state.get("model", saved["model"]))
-    optimizer.load_state_dict(state["optimizer"])
+    if load:
+        load(model, optimizer, state.get("model", saved["model"]), state["optimizer"])
+    else:
+        model.load_state_dict(state.get("model", saved["model"]))
+        optimizer.load_state_dict(state["optimizer"])
     restore_rng(rng, state["rng"])
     print(f"resuming {path} at step {saved['step']}")
     return saved

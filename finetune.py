@@ -29,7 +29,11 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -96,6 +100,9 @@ save_interval = 0                # steps between checkpoints (0 = at every evalu
                                  # saved
 # -- system
 device = "auto"
+fsdp = False                     # under torchrun: split the weights, gradients and AdamW's moments over the
+                                 # processes (FSDP2) instead of a whole copy on each (DDP): for a model that
+                                 # does not fit one device
 compile = False
 dtype = "float32"                # "bfloat16" autocasts the training step's matmuls
 eval_dtype = "float32"           # and the evaluations' ("bfloat16": 2x faster where the CPU has native bf16)
@@ -121,7 +128,7 @@ class ReplayStream:
 
     def __init__(self, source, ckpt_path, ckpt, rng, batch_size, block_size, max_steps, reuse, reference=None,
                  device="cpu"):
-        self.rng, self.reuse = rng, reuse
+        self.rng, self.reuse, self.may_sample = rng, reuse, False
         self.epoch, self.drawn, self.chunk, self.sample_seconds = 0, 0, 0, 0.0
         model_config, needed = ckpt["model_config"], max_steps * batch_size
         if source.startswith("data:"):
@@ -161,6 +168,7 @@ class ReplayStream:
                             f"(sample_replay.py --num_samples={needed}) or allow reuse with "
                             "--replay_reuse=True")
         self.order, self.position = rng.permutation(self.capacity), 0
+        self.may_sample = needed > self.capacity and not reuse   # the corpus will run out mid-run
 
     @property
     def passes(self):
@@ -173,9 +181,11 @@ class ReplayStream:
         length and temperature; a seed of its own for every chunk, so a resumed run gets the same."""
         started = time.time()
         m = self.meta
+        several = dist.is_available() and dist.is_initialized()   # under torchrun: each process its share
         fresh = sample_corpus(self.reference, prompt_column(m["prompts"]), m["length"], m["temperature"],
                               m["top_k"], 1024, m["seed"] + 7919 * self.chunk, self.device, progress=False,
-                              dtype=m.get("dtype", "float32"))
+                              dtype=m.get("dtype", "float32"), rank=dist.get_rank() if several else 0,
+                              world_size=dist.get_world_size() if several else 1)
         fresh = fresh.to(self.tokens.dtype)
         self.sample_seconds += time.time() - started
         return fresh
@@ -259,6 +269,21 @@ def plain_state_dict(model):
     return {k: v.detach() for k, v in state.items()}
 
 
+def full_state(model, optimizer, with_optimizer):
+    """A sharded (FSDP2) model's whole weights, and AdamW's whole state if asked, gathered from
+    every process onto rank 0 (collective: every process calls it; the others get empty dicts)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    return weights, get_optimizer_state_dict(model, optimizer, options=options) if with_optimizer else None
+
+
+def load_full_state(model, optimizer, weights, optimizer_state):
+    """full_state's inverse, for --resume: every process reads the checkpoint and keeps its shard."""
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
 def check_settings():
     """Refuse, before any work, the settings that would fail later with a traceback or train
     otherwise than asked (the files they name are checked when they are read)."""
@@ -279,6 +304,9 @@ def check_settings():
                         f"data:<dataset> for real replay)")
     if block_size < 0:
         raise UserError(f"--block_size={block_size} must be >= 0 (0 = the model's)")
+    if fsdp and lora_rank:
+        raise UserError("--fsdp=True splits full finetuning over the processes; LoRA trains few weights: "
+                        "drop --fsdp (each process keeps a copy, as DDP)")
     if eval_dtype not in ("float32", "bfloat16") or min(bench_interval, save_interval) < 0:
         raise UserError(f"--eval_dtype={eval_dtype!r} must be float32 or bfloat16; --bench_interval and "
                         "--save_interval >= 0")
@@ -339,6 +367,19 @@ def main():
         if lora_embeddings:
             model.embed.requires_grad_(True)
             model.unembed.requires_grad_(True)
+    # -- several processes: DDP keeps a whole model, its gradients and AdamW's moments on every
+    # process; --fsdp=True (FSDP2) splits all three, and also the reference, each block's weights
+    # gathered only while it computes. Every process then takes part in every forward pass, the
+    # evaluations' too, and gathers the whole weights for rank 0 to save
+    sharded = fsdp and world_size > 1
+    if sharded:
+        if replay_stream and replay_stream.may_sample:
+            raise UserError(f"--fsdp=True cannot sample fresh replay mid-run: sample a corpus of "
+                            f"{max_steps * n_replay} sequences (no sequence used twice) or allow reuse")
+        for m in (model, reference):
+            for block in m.blocks:
+                fully_shard(block)
+            fully_shard(m)
     trainable = [p for p in model.parameters() if p.requires_grad]
     check_step_fits(model.config, sum(p.numel() for p in model.parameters()),
                     (batch_size + (n_replay if replay_stream else 0)) // world_size, T, dev,
@@ -359,7 +400,8 @@ def main():
     rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite,
                                                         [p for paths in input_files.values() for p in paths]))
     saved = (resume_run(ckpt_path, run_config, inputs, model, optimizer, rng,
-                        ("init_from", "replay_source", "dataset", "eval_datasets", "mix_dataset", "bench_datasets"))
+                        ("init_from", "replay_source", "dataset", "eval_datasets", "mix_dataset", "bench_datasets"),
+                        load=load_full_state if sharded else None)
              if resume else None)
     if saved and saved.get("finished"):
         print(f"{ckpt_path} is a finished run ({saved['step']} steps): nothing to do")
@@ -378,6 +420,7 @@ def main():
         os.makedirs(out_dir, exist_ok=True)
     log = TrainingLog(os.path.join(out_dir, "log.jsonl"), start_step, model, ckpt_path,
                       "lower --learning_rate or --replay_coeff", is_main)
+    evaluates = is_main or sharded   # sharded weights: every process runs the evaluations' forward passes
     reference_logits = {}  # the reference's logits on the fixed validation sequences, computed once
 
     def target_reached(numbers):
@@ -402,17 +445,21 @@ def main():
             ends = step >= run_end(max_steps, step if target_reached(numbers) and step < cooldown_from
                                    else cooldown_from, cooldown_steps)
             if costly and step and (ends or bench_interval and step % bench_interval == 0):
+                if sharded:   # a benchmark is scored by hidden() and unembed, not by a whole forward
+                    model.unshard()   # pass: gather the top-level weights (the blocks gather their own)
                 numbers.update(log_names(evaluate_sets(model, costly, T, eval_sequences, dev,
                                                        reference if eval_kl else None, reference_logits)))
+                if sharded:
+                    model.reshard()
             return numbers
         return log.evaluation(step, record, measure)
 
     # -- training loop
     step_model = torch.compile(model) if compile else model
     objective = Objective(step_model, reference, replay, replay_coeff, lwf_coeff)
-    step_objective = DistributedDataParallel(objective) if world_size > 1 else objective
+    step_objective = DistributedDataParallel(objective) if world_size > 1 and not sharded else objective
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-    if is_main and start_step == 0:
+    if evaluates and start_step == 0:
         evaluate(0, {})
     pbar = progress_bar(range(start_step, max_steps), "finetune", disable=not is_main)
     for step in pbar:
@@ -448,13 +495,14 @@ def main():
         # every rank then follows its decision
         if (step + 1) % eval_interval == 0 or step + 1 == run_end(max_steps, cooldown_from, cooldown_steps):
             finished = False
-            if is_main:
+            if evaluates:
                 record = evaluate(step + 1, parts)  # checked for divergence before it is logged
                 reached = target_reached(record)
                 if reached and step + 1 < cooldown_from:
                     stop_reason = reached
-                    tqdm.write(f"{stop_reason} on {dataset} reached"
-                               + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
+                    if is_main:
+                        tqdm.write(f"{stop_reason} on {dataset} reached"
+                                   + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
                     cooldown_from = step + 1
                 finished = step + 1 >= run_end(max_steps, cooldown_from, cooldown_steps)
                 # replay_passes: the most any replay sequence was seen, in this run or the runs it continues
@@ -462,17 +510,22 @@ def main():
                 if finished or not save_interval or (step + 1) % save_interval == 0:
                     # what resuming needs; a finished run is never resumed. The trained weights are
                     # kept apart from the plain ones only where they differ (LoRA's adapters)
-                    state = None if finished else train_state(
-                        optimizer, rng, cooldown_from if cooldown_from < max_steps else None,
-                        replay=replay_stream.state() if replay_stream else None,
-                        **({"model": model.state_dict()} if lora_rank else {}))
-                    save_checkpoint(ckpt_path, model, state_dict=plain_state_dict(model), step=step + 1,
-                                    data={**data_meta, dataset: new_data.meta}, config=run_config,
-                                    finished=finished, stop_reason=stop_reason,
-                                    reference=os.path.abspath(init_from), replay_passes=passes, inputs=inputs,
-                                    **({"train_state": state} if state else {}),
-                                    **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
-                    log.saved(step + 1)
+                    # (a sharded run's processes all help gather the whole weights and moments)
+                    weights, optimizer_state = (full_state(model, optimizer, not finished) if sharded else
+                                                (plain_state_dict(model), None))
+                    if is_main:
+                        state = None if finished else train_state(
+                            optimizer_state or optimizer.state_dict(), rng,
+                            cooldown_from if cooldown_from < max_steps else None,
+                            replay=replay_stream.state() if replay_stream else None,
+                            **({"model": model.state_dict()} if lora_rank else {}))
+                        save_checkpoint(ckpt_path, model, state_dict=weights, step=step + 1,
+                                        data={**data_meta, dataset: new_data.meta}, config=run_config,
+                                        finished=finished, stop_reason=stop_reason,
+                                        reference=os.path.abspath(init_from), replay_passes=passes, inputs=inputs,
+                                        **({"train_state": state} if state else {}),
+                                        **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
+                        log.saved(step + 1)
             cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
             if finished:
                 break

@@ -217,7 +217,7 @@ def main():
                 finished = step + 1 >= run_end(total_steps, cooldown_from, cooldown_steps)
                 save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
                                 step=step + 1, finished=finished, inputs=inputs, train_state=train_state(
-                                    optimizer, rng, cooldown_from if cooldown_from < total_steps else None))
+                                    optimizer.state_dict(), rng, cooldown_from if cooldown_from < total_steps else None))
                 log.saved(step + 1)
             cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
             if finished:

@@ -7,20 +7,26 @@ no top-k, for the full block length. Those sequences stand in for the old data i
 
     python sample_replay.py --init_from=out/pretrain_add/ckpt.pt --prompts=arithmetic/add
     python sample_replay.py --prompts=arithmetic/add:0.5,arithmetic/sort:0.5 --num_samples=8192
+    torchrun --standalone --nproc_per_node=2 sample_replay.py ...   # each process samples its share
 
 A prompt is a dataset name (its dataset token is read from the checkpoint's data metadata), `bos`
 (a released model's BOS token, from its tokenizer metadata) or a raw token id, optionally followed
 by :share. The corpus is one file written atomically:
 {"tokens": (N, T) int32 tensor, "meta": {source checkpoint, prompts, temperature, ...}}.
+It is sampled in chunks of batch_size sequences, each chunk from a generator seeded by (seed, its
+number): the corpus for a seed is the same in one process or several.
 """
 import os
 import time
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from checkpoint import load_checkpoint
 from config import UserError, memory_bytes, pick_device, run, set_seed
 from dataset import known_tokenizers
+from distributed import finish_distributed, from_rank0, rank0_only, setup_distributed
 from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries, same_path
 from progress import progress_bar
 
@@ -80,20 +86,31 @@ def prompt_column(prompts):
     return torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in prompts])
 
 
+def chunk_generator(seed, chunk, device):
+    """The random generator of one chunk of a corpus, seeded by (seed, chunk number): a chunk comes
+    out the same whichever process samples it and whatever was sampled before it, so a corpus does
+    not depend on the number of processes, and a resumed run needs no generator state."""
+    high, low = np.random.SeedSequence([seed, chunk]).generate_state(2)
+    return torch.Generator(device=device).manual_seed(int(high) << 32 | int(low))
+
+
 def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device,
-                  partial_path=None, progress=True, partial_source=None, dtype="float32"):
+                  partial_path=None, progress=True, partial_source=None, dtype="float32", rank=0, world_size=1):
     """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
-    seed. With partial_path, progress is saved after every batch (tokens so far + the generator's
-    state), and an existing partial file is continued: a killed run loses at most one batch and
-    its result equals an uninterrupted run's. partial_source: the checkpoint file, whose content a
-    continued partial file must come from."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = []
+    seed, in chunks of batch_size rows, each with a generator of its own (chunk_generator). Under
+    torchrun every process samples every world_size-th chunk and gets every chunk sampled (rank 0
+    also those of a continued partial file, so it returns the whole corpus). With partial_path, the chunks done so far are saved after every round (by rank 0), and an
+    existing partial file is continued: a killed run loses at most one round and its result equals
+    an uninterrupted run's. partial_source: the checkpoint file, whose content a continued partial
+    file must come from."""
     # everything that decides the samples: a resume with other settings would mix two corpora
     model_sha256 = fingerprint(partial_source)["sha256"] if partial_source else None
     settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size,
-                "seed": seed, "model_sha256": model_sha256, "dtype": dtype}
-    if partial_path and os.path.exists(partial_path):
+                "seed": seed, "model_sha256": model_sha256, "dtype": dtype, "seeding": "per chunk"}
+
+    def load_partial():
+        if not (partial_path and os.path.exists(partial_path)):
+            return []
         try:
             partial = torch.load(partial_path, weights_only=True)
             same = partial.get("settings") == settings and torch.equal(partial["prompts"], prompt_tokens)
@@ -104,18 +121,28 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
             what = "another model" if other_model else "other settings"
             raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, "
                             f"or drop --resume to start over")
-        out = [partial["tokens"]]
-        generator.set_state(partial["generator"])
         print(f"resuming sampling after {len(partial['tokens']):,} sequences")
-    done = len(out[0]) if out else 0
-    for i in progress_bar(range(done, len(prompt_tokens), batch_size), "sampling", disable=not progress):
-        idx = prompt_tokens[i:i + batch_size, None].to(device)
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            out.append(model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
-                                      generator=generator, compile_step=compile).cpu())
-        if partial_path:
-            atomic_torch_save({"tokens": torch.cat(out), "generator": generator.get_state(),
-                               "settings": settings, "prompts": prompt_tokens}, partial_path)
+        return list(partial["tokens"].split(batch_size))
+    out = rank0_only(rank, world_size, load_partial) or []   # (the others get rank 0's chunks at the end)
+    chunks = range(0, len(prompt_tokens), batch_size)
+    done, = from_rank0([len(out)], world_size)
+    for first in progress_bar(range(done, len(chunks), world_size), "sampling", disable=not progress or rank):
+        mine = first + rank   # this process's chunk of the round (none in a short last round)
+        tokens = None
+        if mine < len(chunks):
+            idx = prompt_tokens[chunks[mine]:chunks[mine] + batch_size, None].to(device)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                tokens = model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
+                                        generator=chunk_generator(seed, mine, device), compile_step=compile).cpu()
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, tokens)
+            out.extend(t for t in gathered if t is not None)
+        else:
+            out.append(tokens)
+        if partial_path and rank == 0:
+            atomic_torch_save({"tokens": torch.cat(out), "settings": settings, "prompts": prompt_tokens},
+                              partial_path)
     return torch.cat(out)
 
 
@@ -156,7 +183,7 @@ def sample_chat_answers(model, ckpt, prompts_path, length, answers, seed, device
 
 
 def main():
-    dev = pick_device(device)
+    rank, world_size, dev = setup_distributed(pick_device(device))
     set_seed(seed)
     if not out or out == "None" or os.path.isdir(out):
         raise UserError(f"--out={out!r} must name the corpus file to write, e.g. --out=out/replay.pt")
@@ -188,12 +215,20 @@ def main():
         raise UserError(f"--num_samples={num_samples} x --length={T} with --batch_size={batch_size} needs about "
                         f"{needed / 2**30:,.1f} GiB, more than this machine's {memory_bytes() / 2**30:.1f} GiB: "
                         "sample fewer or shorter sequences, or in smaller batches")
-    # one sampler per corpus at a time, and an existing corpus is replaced only when asked
-    lock = Lock(out + ".lock", f"--out={out}")
-    remove_stale_temporaries(out)
-    if os.path.exists(out) and not overwrite:
-        lock.release()
-        raise UserError(f"{out} already exists: choose another --out, or replace it with --overwrite=True")
+    if chat_prompts and world_size > 1:
+        raise UserError("--chat_prompts samples a few answers: run it in one process, without torchrun")
+
+    # one sampler per corpus at a time (under torchrun: rank 0 holds the lock and writes), and an
+    # existing corpus is replaced only when asked
+    def claim_output():
+        lock = Lock(out + ".lock", f"--out={out}")
+        remove_stale_temporaries(out)
+        if os.path.exists(out) and not overwrite:
+            lock.release()
+            raise UserError(f"{out} already exists: choose another --out, or replace it with --overwrite=True")
+        if not resume and os.path.exists(out + ".partial"):
+            os.remove(out + ".partial")
+    rank0_only(rank, world_size, claim_output)
     if chat_prompts:
         if not os.path.exists(chat_prompts):
             raise UserError(f"--chat_prompts={chat_prompts} not found: give a file of user messages, "
@@ -218,13 +253,14 @@ def main():
     prompt_list = [{"name": n, "token": t, "share": s, "count": c} for (n, t, s), c in zip(parsed, counts)]
     prompt_tokens = prompt_column(prompt_list)
 
+    # -- the sampling itself: chunks of batch_size sequences, each from a generator of its own
     t0 = time.time()
     partial_path = out + ".partial"
-    if not resume and os.path.exists(partial_path):
-        os.remove(partial_path)
     tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev, partial_path,
-                           partial_source=init_from, dtype=dtype)
+                           partial_source=init_from, dtype=dtype, rank=rank, world_size=world_size)
     seconds = time.time() - t0
+    if rank:
+        finish_distributed()   # rank 0 writes the corpus
     print(f"sampled {len(tokens):,} sequences x {T} tokens in {seconds:.1f}s "
           f"({len(tokens) * (T - 1) / seconds:,.0f} new tokens/s)")
 
@@ -260,6 +296,7 @@ def main():
     atomic_torch_save({"tokens": tokens.to(torch.int32), "meta": meta}, out)
     os.remove(partial_path)
     print(f"wrote {out}")
+    finish_distributed()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def run_end(total_steps, cooldown_from, cooldown_steps):
 
 
 def max_weight(model):
-    return max(p.detach().abs().max().item() for p in model.parameters())
+    """The largest weight's magnitude (of a sharded model's too: its shards' largest, compared)."""
+    largest = [p.detach().abs().max() for p in model.parameters()]
+    return max((t.full_tensor() if hasattr(t, "full_tensor") else t).item() for t in largest)
 
 
 def prepare_log(path, start_step):
@@ -73,7 +75,7 @@ class TrainingLog:
     a resume. Every record is checked for divergence before it is written (hint: what to change)."""
 
     def __init__(self, path, start_step, model, ckpt_path, hint, is_main=True):
-        self.path, self.model, self.ckpt_path, self.hint = path, model, ckpt_path, hint
+        self.path, self.model, self.ckpt_path, self.hint, self.is_main = path, model, ckpt_path, hint, is_main
         kept = (prepare_log(path, start_step) if is_main else None) or {}
         self.train_seconds, self.eval_seconds = kept.get("train_seconds", 0.0), kept.get("eval_seconds", 0.0)
         self.start_weight = max_weight(model)
@@ -99,6 +101,8 @@ class TrainingLog:
         self.eval_seconds += time.time() - started
         record["eval_seconds"] = round(self.eval_seconds, 3)
         self.check(record)
+        if not self.is_main:   # (a sharded run's other processes measure along, rank 0 writes)
+            return record
         append_jsonl(self.path, record)
         if step:  # shown between the progress bar's updates
             tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items()

@@ -241,6 +241,70 @@ def test_torchrun_two_processes_match_one_process(tiny_checkpoint, toy_data, tmp
     assert ((out_dir / "log.jsonl").read_bytes(), (out_dir / "ckpt.pt").read_bytes()) == before
 
 
+def test_sharded_finetuning_follows_one_process_and_resumes_bit_for_bit(tiny_checkpoint, toy_data, tmp_path):
+    """finetune.py --fsdp=True under torchrun (FSDP2's fully_shard, gloo on CPU): each process holds
+    half of every weight, gradient and AdamW moment, and the run follows the single-process one
+    step for step, to the same checkpoint. Killed after a checkpoint and resumed, it ends with the
+    weights of a run never stopped."""
+    common = ["finetune.py", f"--init_from={tiny_checkpoint}", f"--dataset={toy_data['add']}", "--replay=kl",
+              f"--replay_source=data:{toy_data['sort']}", "--batch_size=32", "--eval_sequences=16",
+              "--warmup_steps=2", "--device=cpu", "--fsdp=True"]
+    assert_two_processes_match_one([*common, "--max_steps=5", "--eval_interval=1"], tmp_path / "match")
+    one, two = (torch.load(tmp_path / "match" / d / "ckpt.pt", weights_only=True)["model"] for d in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    long = [*common, "--max_steps=40", "--eval_interval=3", "--replay_batch_size=16"]
+    straight = subprocess.run([*torchrun, *long, f"--out_dir={tmp_path}/straight"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = subprocess.Popen([*torchrun, *long, f"--out_dir={tmp_path}/resumed"], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "resumed" / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    for pid in filter(str.isdigit, os.listdir("/proc")):   # torchrun and its workers, wherever they are
+        try:
+            if f"--out_dir={tmp_path}/resumed".encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+    killed.wait()
+    stopped_at = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"]
+    resumed = subprocess.run([*torchrun, *long, f"--out_dir={tmp_path}/resumed", "--resume=True"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"at step {stopped_at}" in resumed.stdout, resumed.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["step"] == b["step"] == 40 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_sampling_under_torchrun_is_the_corpus_one_process_samples(tiny_checkpoint, toy_data, tmp_path):
+    """Chunks of --batch_size sequences, each from a generator seeded by (seed, chunk number): two
+    processes, each sampling every other chunk (7 chunks here, the last one short), write the very
+    corpus one process writes. finetune.py's fresh replay, drawn mid-run when its corpus runs out,
+    is shared the same way, and two processes still follow one."""
+    from dataset import load_corpus
+    argv = ["sample_replay.py", f"--init_from={tiny_checkpoint}", f"--prompts={toy_data['sort']}", "--num_samples=100",
+            "--batch_size=16", "--device=cpu"]
+    one = subprocess.run([sys.executable, *argv, f"--out={tmp_path}/one.pt"], cwd=REPO, capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv,
+                          f"--out={tmp_path}/two.pt"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-3000:])
+    (a, meta_a), (b, meta_b) = load_corpus(str(tmp_path / "one.pt")), load_corpus(str(tmp_path / "two.pt"))
+    assert a.shape == (100, 14) and torch.equal(a, b) and len(set(map(tuple, a.tolist()))) > 50
+    assert {k: v for k, v in meta_a.items() if k != "seconds"} == {k: v for k, v in meta_b.items() if k != "seconds"}
+    assert sorted(os.listdir(tmp_path)) == ["one.pt", "two.pt"]   # no partial file or lock left
+
+    run_script("sample_replay", init_from=tiny_checkpoint, prompts=toy_data["sort"], num_samples=32, device="cpu",
+               out=str(tmp_path / "small.pt"))
+    logs = assert_two_processes_match_one(["finetune.py", f"--init_from={tiny_checkpoint}", f"--dataset={toy_data['add']}",
+                                           "--replay=kl", f"--replay_source={tmp_path}/small.pt", "--replay_batch_size=16",
+                                           "--batch_size=16", "--max_steps=6", "--eval_interval=3",
+                                           "--eval_sequences=16", "--warmup_steps=2", "--device=cpu"],
+                                          tmp_path / "finetune")
+    assert logs[-1]["replay_sample_seconds"] > 0   # it ran out and sampled more
+
+
 def test_interrupted_sampling_resumes_to_the_same_corpus(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
     from dataset import load_corpus
     from model import GPT
