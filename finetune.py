@@ -31,9 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -272,6 +269,7 @@ def plain_state_dict(model):
 def full_state(model, optimizer, with_optimizer):
     """A sharded (FSDP2) model's whole weights, and AdamW's whole state if asked, gathered from
     every process onto rank 0 (collective: every process calls it; the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     return weights, get_optimizer_state_dict(model, optimizer, options=options) if with_optimizer else None
@@ -279,6 +277,7 @@ def full_state(model, optimizer, with_optimizer):
 
 def load_full_state(model, optimizer, weights, optimizer_state):
     """full_state's inverse, for --resume: every process reads the checkpoint and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
@@ -376,6 +375,7 @@ def main():
         if replay_stream and replay_stream.may_sample:
             raise UserError(f"--fsdp=True cannot sample fresh replay mid-run: sample a corpus of "
                             f"{max_steps * n_replay} sequences (no sequence used twice) or allow reuse")
+        from torch.distributed.fsdp import fully_shard   # (imported here: it takes a second to import)
         for m in (model, reference):
             for block in m.blocks:
                 fully_shard(block)

@@ -385,6 +385,17 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1).squeeze(-1)
 
 
+def skip_draws(rows, steps, generator, device, temperature=1.0):
+    """Move generator on exactly as `steps` calls of sample_next on `rows` rows would (one uniform
+    number per row each), without sampling: a process that samples only some chunks of a corpus
+    passes over the others' draws and gets the very numbers one process would."""
+    if temperature == 0:
+        return
+    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    for _ in range(steps):
+        torch.rand(rows, 1, generator=generator, device=device, dtype=wide)
+
+
 def paper_parameter_count(depth, width, vocab_size):
     """The paper's 12*L*D^2 + D*V: attention (4 D^2) and MLP (8 D^2) weights per block plus one
     D x V embedding. The paper measures tokens-per-parameter against it, and so do we."""

@@ -13,13 +13,13 @@ A prompt is a dataset name (its dataset token is read from the checkpoint's data
 (a released model's BOS token, from its tokenizer metadata) or a raw token id, optionally followed
 by :share. The corpus is one file written atomically:
 {"tokens": (N, T) int32 tensor, "meta": {source checkpoint, prompts, temperature, ...}}.
-It is sampled in chunks of batch_size sequences, each chunk from a generator seeded by (seed, its
-number): the corpus for a seed is the same in one process or several.
+It is sampled in chunks of batch_size sequences from one random stream seeded by --seed; under
+torchrun each process samples its share of the chunks and passes over the others' draws, so the
+corpus for a seed is the same in one process or several.
 """
 import os
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,6 +28,7 @@ from config import UserError, memory_bytes, pick_device, run, set_seed
 from dataset import known_tokenizers
 from distributed import finish_distributed, from_rank0, rank0_only, setup_distributed
 from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries, same_path
+from model import skip_draws
 from progress import progress_bar
 
 init_from = "out/pretrain_add/ckpt.pt"
@@ -86,27 +87,20 @@ def prompt_column(prompts):
     return torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in prompts])
 
 
-def chunk_generator(seed, chunk, device):
-    """The random generator of one chunk of a corpus, seeded by (seed, chunk number): a chunk comes
-    out the same whichever process samples it and whatever was sampled before it, so a corpus does
-    not depend on the number of processes, and a resumed run needs no generator state."""
-    high, low = np.random.SeedSequence([seed, chunk]).generate_state(2)
-    return torch.Generator(device=device).manual_seed(int(high) << 32 | int(low))
-
-
 def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device,
                   partial_path=None, progress=True, partial_source=None, dtype="float32", rank=0, world_size=1):
     """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
-    seed, in chunks of batch_size rows, each with a generator of its own (chunk_generator). Under
-    torchrun every process samples every world_size-th chunk and gets every chunk sampled (rank 0
-    also those of a continued partial file, so it returns the whole corpus). With partial_path, the chunks done so far are saved after every round (by rank 0), and an
-    existing partial file is continued: a killed run loses at most one round and its result equals
-    an uninterrupted run's. partial_source: the checkpoint file, whose content a continued partial
-    file must come from."""
+    seed, in chunks of batch_size rows from one random stream. Under torchrun every process samples
+    every world_size-th chunk, passing over the other chunks' draws (model.skip_draws), so the
+    corpus is the same in one process or several, and every process gets every chunk sampled (rank
+    0 also those of a continued partial file, so it returns the whole corpus). With partial_path,
+    the chunks done so far are saved after every round (by rank 0), and an existing partial file is
+    continued: a killed run loses at most one round and its result equals an uninterrupted run's.
+    partial_source: the checkpoint file, whose content a continued partial file must come from."""
     # everything that decides the samples: a resume with other settings would mix two corpora
     model_sha256 = fingerprint(partial_source)["sha256"] if partial_source else None
     settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size,
-                "seed": seed, "model_sha256": model_sha256, "dtype": dtype, "seeding": "per chunk"}
+                "seed": seed, "model_sha256": model_sha256, "dtype": dtype}
 
     def load_partial():
         if not (partial_path and os.path.exists(partial_path)):
@@ -124,16 +118,20 @@ def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, 
         print(f"resuming sampling after {len(partial['tokens']):,} sequences")
         return list(partial["tokens"].split(batch_size))
     out = rank0_only(rank, world_size, load_partial) or []   # (the others get rank 0's chunks at the end)
-    chunks = range(0, len(prompt_tokens), batch_size)
+    starts = range(0, len(prompt_tokens), batch_size)
     done, = from_rank0([len(out)], world_size)
-    for first in progress_bar(range(done, len(chunks), world_size), "sampling", disable=not progress or rank):
+    generator, passed = torch.Generator(device=device).manual_seed(seed), 0   # chunks whose draws it is past
+    for first in progress_bar(range(done, len(starts), world_size), "sampling", disable=not progress or rank):
         mine = first + rank   # this process's chunk of the round (none in a short last round)
         tokens = None
-        if mine < len(chunks):
-            idx = prompt_tokens[chunks[mine]:chunks[mine] + batch_size, None].to(device)
+        if mine < len(starts):
+            for other in starts[passed:mine]:
+                skip_draws(len(prompt_tokens[other:other + batch_size]), length - 1, generator, device, temperature)
+            idx = prompt_tokens[starts[mine]:starts[mine] + batch_size, None].to(device)
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
                 tokens = model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
-                                        generator=chunk_generator(seed, mine, device), compile_step=compile).cpu()
+                                        generator=generator, compile_step=compile).cpu()
+            passed = mine + 1
         if world_size > 1:
             gathered = [None] * world_size
             dist.all_gather_object(gathered, tokens)

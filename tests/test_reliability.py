@@ -279,9 +279,9 @@ def test_sharded_finetuning_follows_one_process_and_resumes_bit_for_bit(tiny_che
 
 
 def test_sampling_under_torchrun_is_the_corpus_one_process_samples(tiny_checkpoint, toy_data, tmp_path):
-    """Chunks of --batch_size sequences, each from a generator seeded by (seed, chunk number): two
-    processes, each sampling every other chunk (7 chunks here, the last one short), write the very
-    corpus one process writes. finetune.py's fresh replay, drawn mid-run when its corpus runs out,
+    """Chunks of --batch_size sequences from one random stream: two processes, each sampling every
+    other chunk and passing over the other's draws (7 chunks here, the last one short), write the
+    very corpus one process writes. finetune.py's fresh replay, drawn mid-run when its corpus runs out,
     is shared the same way, and two processes still follow one."""
     from dataset import load_corpus
     argv = ["sample_replay.py", f"--init_from={tiny_checkpoint}", f"--prompts={toy_data['sort']}", "--num_samples=100",
