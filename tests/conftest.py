@@ -28,6 +28,39 @@ def run_script(name, **overrides):
     return module
 
 
+def run_argv(argv):
+    """Run `python argv[0] argv[1:]` as the interpreter would, but in this process: the script file
+    executed afresh as __main__ (runpy), sys.argv set, so its settings, its checks and its exit code
+    are the real ones, without starting Python and importing torch again (a second or two per case:
+    most of what the tables of bad inputs took). Returns (exit code, stderr)."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    err, code, argv_before, cwd_before = io.StringIO(), 0, sys.argv, os.getcwd()
+    os.chdir(REPO)
+    sys.argv = [argv[0], *map(str, argv[1:])]
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(os.path.join(REPO, argv[0]), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:   # what the interpreter would print as a traceback, with exit code 1
+        err.write(traceback.format_exc())
+        code = 1
+    finally:
+        release_locks()   # as the script's process would at its exit
+        sys.argv = argv_before
+        os.chdir(cwd_before)
+    return code, err.getvalue()
+
+
+def script_in_process(*argv):
+    """run_argv, answered as subprocess.run answers (returncode, stdout, stderr)."""
+    code, stderr = run_argv(argv)
+    return subprocess.CompletedProcess(argv, code, "", stderr)
+
+
 def run_command(line):
     """Run a command line as the README writes it ("python data/text/prepare.py --key=value ..."):
     the script's module in-process, its constants overridden by the --key=value arguments."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, run_script
+from conftest import TINY_MODEL, run_argv, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--{k}={v}" for k, v in TINY_MODEL.items()]
@@ -234,13 +234,15 @@ def cases(t, w):
 
 
 def test_every_guarded_case_exits_2_with_one_line_and_changes_nothing(world, toy_data):
+    """Each case is the script run as `python` runs it, in this process (conftest.run_argv); the
+    tests below start real processes where the process matters (locks, kills, limits)."""
     folders = [world["w"], os.path.dirname(toy_data["add"])]
     for name, argv, words in cases(toy_data, world):
         before = snapshot(*folders)
-        result = script(*argv)
-        lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-        assert result.returncode == 2, (name, result.returncode, result.stderr[-1500:])
-        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (name, result.stderr[-1500:])
+        code, stderr = run_argv(argv)
+        lines = [l for l in stderr.strip().splitlines() if l.strip()]
+        assert code == 2, (name, code, stderr[-1500:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (name, stderr[-1500:])
         after = snapshot(*folders)
         assert {p: h for p, h in after.items() if p in before} == before, name
         assert not os.path.exists(world["w"] / "fresh" / "log.jsonl"), name  # nothing half-started either

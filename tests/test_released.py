@@ -16,7 +16,7 @@ import torch
 
 import tokenizer as bpe
 from checkpoint import load_checkpoint
-from conftest import assert_two_processes_match_one, greedy_by_recomputing, run_script
+from conftest import assert_two_processes_match_one, greedy_by_recomputing, run_script, script_in_process
 from model import GPT, GPTConfig, KVCache
 
 gguf = pytest.importorskip("gguf", reason="the converter tests need gguf (requirements-test.txt installs it)")
@@ -449,7 +449,7 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
     for argv, message in cases:
         out = tmp_path / "out"
         target = f"--out_json={out}/e.json" if argv[0] == "evaluate.py" else f"--out_dir={out}"
-        result = script(*argv, target)
+        result = script_in_process(*argv, target)   # (the script as python runs it, in this process)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len([l for l in lines if l.startswith("error:")]) == 1, result.stderr[-2000:]
         assert message in lines[-1], (argv, lines[-1])

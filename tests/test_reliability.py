@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import assert_two_processes_match_one, run_script
+from conftest import assert_two_processes_match_one, run_script, script_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,17 +53,17 @@ def kill_after(argv, log_path, min_step, timeout=120):
     raise AssertionError(f"{argv[0]} finished or stalled before step {min_step}: make the run longer")
 
 
-PRETRAIN = ["pretrain.py", "--width=32", "--depth=1", "--head_dim=8", "--batch_size=32", "--max_steps=800",
+PRETRAIN = ["pretrain.py", "--width=32", "--depth=1", "--head_dim=8", "--batch_size=32", "--max_steps=300",
             "--eval_interval=20", "--eval_sequences=16", "--schedule=cosine", "--device=cpu"]
 
 
 # a plain cosine run, or one that reaches its target at the first evaluation and is killed in the cooldown
-@pytest.mark.parametrize("stop", [[], ["--target_val_loss=100", "--cooldown_steps=760"]], ids=["cosine", "cooldown"])
+@pytest.mark.parametrize("stop", [[], ["--target_val_loss=100", "--cooldown_steps=260"]], ids=["cosine", "cooldown"])
 def test_pretrain_killed_and_resumed_ends_with_the_same_weights(toy_data, tmp_path, stop):
     args = PRETRAIN + [f"--datasets={toy_data['sort']}"] + stop
-    last = 780 if stop else 800
+    last = 280 if stop else 300
     assert script(*args, f"--out_dir={tmp_path / 'straight'}").returncode == 0
-    killed_at = kill_after(args + [f"--out_dir={tmp_path / 'killed'}"], str(tmp_path / "killed" / "log.jsonl"), 200)
+    killed_at = kill_after(args + [f"--out_dir={tmp_path / 'killed'}"], str(tmp_path / "killed" / "log.jsonl"), 80)
     assert killed_at < last
     ckpt = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
     assert not ckpt["finished"] and ckpt["step"] < last   # the kill really was mid-run
@@ -83,11 +83,11 @@ def test_finetune_with_replay_corpus_killed_and_resumed_ends_with_the_same_weigh
     run_script("sample_replay", init_from=tiny_checkpoint, out=corpus, num_samples=100, prompts=toy_data["sort"],
                device="cpu")
     args = ["finetune.py", f"--init_from={tiny_checkpoint}", f"--dataset={toy_data['add']}", "--replay=kl",
-            f"--replay_source={corpus}", f"--replay_reuse={reuse}", "--lora_rank=2", "--batch_size=16", "--max_steps=600",
+            f"--replay_source={corpus}", f"--replay_reuse={reuse}", "--lora_rank=2", "--batch_size=16", "--max_steps=240",
             "--eval_interval=20",
             "--eval_sequences=16", "--device=cpu"]
     assert script(*args, f"--out_dir={tmp_path / 'straight'}").returncode == 0
-    kill_after(args + [f"--out_dir={tmp_path / 'killed'}"], str(tmp_path / "killed" / "log.jsonl"), 200)
+    kill_after(args + [f"--out_dir={tmp_path / 'killed'}"], str(tmp_path / "killed" / "log.jsonl"), 80)
     assert not torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["finished"]
     result = script(*args, f"--out_dir={tmp_path / 'killed'}", "--resume=True")
     assert result.returncode == 0, result.stderr
@@ -176,7 +176,7 @@ def test_bad_inputs_stop_with_one_line_and_write_nothing(tiny_checkpoint, toy_da
         out = tmp_path / "out"
         target = [f"--out={out}/c.pt"] if argv[0] == "sample_replay.py" else \
             [f"--out_json={out}/e.json"] if argv[0] == "evaluate.py" else [f"--out_dir={out}"]
-        result = script(*argv, *target)
+        result = script_in_process(*argv, *target)   # (the script as python runs it, in this process)
         assert result.returncode == 2, (argv, result.stderr[-2000:])
         assert message in one_error_line(result), (argv, result.stderr[-2000:])
         assert not out.exists(), argv

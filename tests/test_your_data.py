@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import tokenizer as bpe
-from conftest import run_command, run_script
+from conftest import run_command, run_script, script_in_process
 from dataset import Dataset
 from objective import Objective, ntp_loss
 from test_capabilities import SMOLLM2_TEMPLATE, chat_model, mmlu_lines, one_line_exit_2, script  # noqa: F401
@@ -309,7 +309,7 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
     ]
     prepared = {p: p.read_bytes() for p in sorted((recipe / "mine").iterdir())}
     for argv, message in cases:
-        result = script(*argv, *([] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]))
+        result = script_in_process(*argv, *([] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]))
         one_line_exit_2(result, message)
         assert not out.exists(), argv
     assert {p: p.read_bytes() for p in sorted((recipe / "mine").iterdir())} == prepared
