@@ -95,8 +95,8 @@ def check_training_settings(config):
         (0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1, "--beta1 and --beta2 must be in [0, 1)"),
         (c["weight_decay"] >= 0, "--weight_decay must be >= 0"),
         (c["schedule"] in ("constant", "cosine"), f"--schedule={c['schedule']!r} must be constant or cosine"),
-        (c["dtype"] in ("float32", "bfloat16"),
-         f"--dtype={c['dtype']!r} must be float32 or bfloat16 (float16 would need loss scaling, which these "
+        (c["dtype"] in ("float32", "bfloat16", "auto"),
+         f"--dtype={c['dtype']!r} must be float32, bfloat16 or auto (float16 would need loss scaling, which these "
          f"scripts do not do)"),
         (c["batch_size"] > 0 and c["eval_interval"] > 0 and c["eval_sequences"] > 0,
          "--batch_size, --eval_interval and --eval_sequences must be positive"),

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint, restore_rng, resume_run, rng_state, save_checkpoint, train_state
-from config import UserError, check_training_settings, config_snapshot, pick_device, run, set_seed
+from config import UserError, check_training_settings, config_snapshot, pick_device, pick_dtype, run, set_seed
 from dataset import Dataset, check_compatible, check_short_names, dataset_files, load_corpus, open_eval_set
 from distributed import finish_distributed, from_rank0, global_mean, rank0_only, setup_distributed, shard
 from evaluate import evaluate_sets, log_names
@@ -101,7 +101,7 @@ fsdp = False                     # under torchrun: split the weights, gradients 
                                  # processes (FSDP2) instead of a whole copy on each (DDP): for a model that
                                  # does not fit one device
 compile = False
-dtype = "float32"                # "bfloat16" autocasts the training step's matmuls
+dtype = "float32"                # "bfloat16" autocasts the training step's matmuls; "auto": bf16 where fast
 eval_dtype = "float32"           # and the evaluations' ("bfloat16": 2x faster where the CPU has native bf16)
 seed = 1337
 resume = False                   # continue from out_dir/ckpt.pt (same settings and inputs) instead of
@@ -306,14 +306,16 @@ def check_settings():
     if fsdp and lora_rank:
         raise UserError("--fsdp=True splits full finetuning over the processes; LoRA trains few weights: "
                         "drop --fsdp (each process keeps a copy, as DDP)")
-    if eval_dtype not in ("float32", "bfloat16") or min(bench_interval, save_interval) < 0:
-        raise UserError(f"--eval_dtype={eval_dtype!r} must be float32 or bfloat16; --bench_interval and "
+    if eval_dtype not in ("float32", "bfloat16", "auto") or min(bench_interval, save_interval) < 0:
+        raise UserError(f"--eval_dtype={eval_dtype!r} must be float32, bfloat16 or auto; --bench_interval and "
                         "--save_interval >= 0")
 
 
 def main():
     check_settings()
     rank, world_size, dev = setup_distributed(pick_device(device))
+    global dtype, eval_dtype   # "auto": bf16 only where this machine multiplies in it fast (not AVX2 alone)
+    dtype, eval_dtype = pick_dtype(dtype, dev), pick_dtype(eval_dtype, dev)
     is_main = rank == 0  # rank 0 alone evaluates and writes files
     rng = set_seed(seed)
 

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoint import resume_run, save_checkpoint, train_state
-from config import UserError, check_training_settings, config_snapshot, pick_device, run, set_seed
+from config import UserError, check_training_settings, config_snapshot, pick_device, pick_dtype, run, set_seed
 from dataset import Dataset, check_compatible, check_short_names, dataset_files, sample_mixture
 from distributed import finish_distributed, from_rank0, global_mean, rank0_only, setup_distributed, shard
 from evaluate import evaluate_sets, log_names
@@ -65,7 +65,7 @@ compile = False                  # torch.compile the training step (measured: se
 resume = False                   # continue from out_dir/ckpt.pt (same settings and inputs) instead of
                                  # starting over
 overwrite = False                # a fresh run into a folder holding another run's outputs replaces them
-dtype = "float32"                # "bfloat16" = autocast matmuls to bf16
+dtype = "float32"                # "bfloat16" = autocast matmuls to bf16; "auto": bf16 where this CPU is fast in it
 seed = 1337
 
 # the settings above: what a run records, and what --resume compares
@@ -105,6 +105,8 @@ def mixture_fractions(n_datasets):
 def main():
     check_settings()
     rank, world_size, dev = setup_distributed(pick_device(device))
+    global dtype   # "auto": bf16 only where this machine multiplies in it fast (an AVX2-only CPU does not)
+    dtype = pick_dtype(dtype, dev)
     is_main = rank == 0  # rank 0 alone evaluates and writes files
     rng = set_seed(seed)
 

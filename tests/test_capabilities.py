@@ -97,9 +97,16 @@ def test_chatml_rendering_follows_the_template_and_its_default_system_message():
         bpe.render_chat([], {"chat_template": "{{ bos_token }}[INST]"})
 
 
-def test_pick_dtype_keeps_an_explicit_choice_and_measures_auto():
+def test_pick_dtype_keeps_an_explicit_choice_and_measures_auto(toy_data, tmp_path):
     assert pick_dtype("float32", "cpu") == "float32" and pick_dtype("bfloat16", "cpu") == "bfloat16"
-    assert pick_dtype("auto", "cpu") in ("float32", "bfloat16")
+    auto = pick_dtype("auto", "cpu")
+    assert auto in ("float32", "bfloat16")
+    # pretrain.py --dtype=auto trains in that choice and records it (a resume on a machine that
+    # would choose otherwise is then refused as other settings)
+    from conftest import TINY_MODEL, run_script
+    run_script("pretrain", datasets=toy_data["add"], out_dir=str(tmp_path), max_steps=2, eval_interval=2,
+               eval_sequences=8, batch_size=8, device="cpu", dtype="auto", **TINY_MODEL)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["dtype"] == auto
 
 
 # --- the Verilog, Austen and MMLU data -----------------------------------------------------------
