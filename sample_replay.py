@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import load_checkpoint
-from config import UserError, memory_bytes, pick_device, run, set_seed
+from config import UserError, memory_bytes, pick_device, pick_dtype, run, set_seed
 from dataset import known_tokenizers
 from distributed import finish_distributed, from_rank0, rank0_only, setup_distributed
 from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries, same_path
@@ -41,7 +41,8 @@ top_k = 0                        # 0 = no truncation
 length = 0                       # tokens per sequence including the prompt; 0 = the model's block_size
 device = "auto"
 compile = False                  # compile the fixed-shape decode step (a CUDA graph on GPU): for long runs
-dtype = "float32"                # "bfloat16" autocasts the matmuls (2x faster where the CPU has native bf16)
+dtype = "float32"                # "bfloat16" autocasts the matmuls (2x faster where the CPU has native bf16);
+                                 # "auto": bf16 only where this machine multiplies in it fast
 seed = 1337
 chat_prompts = ""                # a file of user messages, one per line: sample the model's answers to them
                                  # in its chat format instead (an evaluation set: KL on the answers' tokens)
@@ -182,6 +183,8 @@ def sample_chat_answers(model, ckpt, prompts_path, length, answers, seed, device
 
 def main():
     rank, world_size, dev = setup_distributed(pick_device(device))
+    global dtype   # "auto": bf16 only where this machine multiplies in it fast (an AVX2-only CPU does not)
+    dtype = pick_dtype(dtype, dev)
     set_seed(seed)
     if not out or out == "None" or os.path.isdir(out):
         raise UserError(f"--out={out!r} must name the corpus file to write, e.g. --out=out/replay.pt")
@@ -201,7 +204,7 @@ def main():
     if temperature <= 0:
         raise UserError("--temperature must be positive for sampling (replay wants 1.0)")
     if dtype not in ("float32", "bfloat16"):
-        raise UserError(f"--dtype={dtype!r} must be float32 or bfloat16")
+        raise UserError(f"--dtype={dtype!r} must be float32, bfloat16 or auto")
     if top_k < 0:
         raise UserError(f"--top_k={top_k} must be >= 0 (0 = no truncation, what replay wants)")
     # the corpus and one batch's KV cache and logits must fit in memory: estimated before the work
