@@ -27,7 +27,7 @@ from config import UserError, pick_device, pick_dtype, run
 from dataset import Benchmark, check_compatible, check_short_names, dataset_files, open_eval_set
 from files import atomic_write_text, check_writable, read_jsonl, refuse_inputs, write_json
 from model import GPTConfig, KVCache
-from objective import kl_loss, ntp_loss
+from objective import kl_from_reference_side, ntp_loss, reference_side
 from progress import progress_bar
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
@@ -44,7 +44,7 @@ time_runs = ""                                   # comma-separated run folders a
 device = "auto"
 dtype = "float32"                                # "bfloat16" autocasts the matmuls;
                                                  # "auto": bfloat16 where this machine runs it fast
-memory_gb = 3.0                                  # the most logits held at once: 2/3 a batch's, 1/3 the
+memory_gb = 3.0                                  # the most logits held at once: 1/3 a batch's, 2/3 the
                                                  # reference's kept between checkpoints (beyond: smaller
                                                  # batches, recomputed reference logits; same numbers)
 # -- comparison at matched loss, from finetuning logs instead of checkpoints
@@ -60,21 +60,29 @@ match = ""                                       # key=target, e.g. val_loss/es=
 LOG_NAMES = {"loss": "val_loss", "kl": "val_kl", "accuracy": "accuracy"}
 
 
-# memory for the logits evaluation holds at once: 2/3 for one batch's (and the float32 copies the
-# losses make of them), 1/3 for the reference's logits kept between calls (on every dataset together).
-# Beyond these, batches get smaller and reference logits are recomputed, so memory does not grow with
-# the number of windows or datasets (a 49k vocabulary makes 200 MB of logits for one 256-token window)
+# memory for the logits evaluation holds at once: 1/3 for one batch's (and the float32 copies the
+# losses make of them), 2/3 for the reference's side of the KL kept between calls (on every dataset
+# together: a finetuning run measures the same windows at every evaluation, and recomputing the
+# reference costs a forward pass each time). Beyond these, batches get smaller and the reference is
+# recomputed, so memory does not grow with the number of windows or datasets (a 49k vocabulary makes
+# 200 MB of logits for one 256-token window)
 MEMORY_BYTES = 3 << 30
+
+
+def held_bytes(cache):
+    """The memory a reference cache ({batch: reference_side tensors}) holds."""
+    return sum(t.numel() * t.element_size() for side in cache.values() for t in side)
 
 
 @torch.no_grad()
 def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", reference=None,
-                reference_cache=None, batch_size=256, logits_bytes=MEMORY_BYTES * 2 // 3,
-                cache_bytes=MEMORY_BYTES // 3):
+                reference_cache=None, batch_size=256, logits_bytes=MEMORY_BYTES // 3,
+                cache_bytes=MEMORY_BYTES * 2 // 3):
     """Validation numbers on the fixed validation sequences, from one forward pass of the model:
     "loss", the mean next-token loss; "kl", the mean KL(reference || model), when a frozen reference
-    is given (its logits can be kept between calls: pass a dict as reference_cache, one per dataset,
-    which holds at most cache_bytes; a batch's logits take at most logits_bytes);
+    is given (its side of the KL can be kept between calls: pass a dict as reference_cache, one per
+    dataset, which holds at most cache_bytes; a batch's logits take at most logits_bytes; reference
+    may be the model itself, as at a finetuning run's step 0: then its logits serve as both);
     and on a toy task's rows "accuracy", the exact-match accuracy of greedy decoding. That needs no
     decoding: greedy decoding writes a row's whole answer exactly when, fed the true answer so far,
     the model's most likely next token is the true one at every answer position (where decoding
@@ -99,14 +107,12 @@ def evaluate_on(model, dataset, block_size, max_sequences=2048, device="cpu", re
         logits = model(x)
         totals["loss"] += ntp_loss(logits, x, mask).item() * len(x)
         if reference is not None:
-            reference_logits = cache.get(i) if cache is not None else None
-            if reference_logits is None:
-                reference_logits = reference(x)
-                kept = sum(t.numel() * t.element_size() for t in cache.values()) if cache is not None else 0
-                if cache is not None and kept + reference_logits.numel() * reference_logits.element_size() \
-                        <= cache_bytes:
-                    cache[i] = reference_logits
-            totals["kl"] += kl_loss(logits, reference_logits, mask).item() * len(x)
+            side = cache.get(i) if cache is not None else None
+            if side is None:
+                side = reference_side(logits if reference is model else reference(x))
+                if cache is not None and held_bytes(cache) + held_bytes({i: side}) <= cache_bytes:
+                    cache[i] = side
+            totals["kl"] += kl_from_reference_side(logits, side, mask).item() * len(x)
         if answers:
             start, end = answers
             guess = logits[:, start - 1:end - 1].argmax(dim=-1)   # position p - 1 predicts token p
@@ -170,12 +176,12 @@ def evaluate_benchmark(model, bench, device="cpu", progress=False):
     return {**means, "items": numbers}
 
 
-def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None, reference_logits=None,
+def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None, reference_cache=None,
                   memory_bytes=MEMORY_BYTES):
     """evaluate_on on every dataset of sets ({name: dataset}), in eval mode: {short name: numbers}
-    (a benchmark among them: evaluate_benchmark). reference_logits: a dict kept between calls, in
-    which the frozen reference's logits on each dataset's fixed sequences are computed once (as far
-    as a third of memory_bytes holds them)."""
+    (a benchmark among them: evaluate_benchmark). reference_cache: a dict kept between calls, in
+    which the frozen reference's side of the KL on each dataset's fixed sequences is computed once
+    (as far as two thirds of memory_bytes hold it)."""
     was_training = model.training
     model.eval()
     results = {}
@@ -183,12 +189,11 @@ def evaluate_sets(model, sets, block_size, max_sequences, device, reference=None
         if isinstance(d, Benchmark):
             results[d.short_name] = evaluate_benchmark(model, d, device)
             continue
-        cache = None if reference_logits is None else reference_logits.setdefault(name, {})
-        held_elsewhere = sum(t.numel() * t.element_size() for other, kept in (reference_logits or {}).items()
-                             if other != name for t in kept.values())
+        cache = None if reference_cache is None else reference_cache.setdefault(name, {})
+        held_elsewhere = sum(held_bytes(kept) for other, kept in (reference_cache or {}).items() if other != name)
         results[d.short_name] = evaluate_on(model, d, block_size, max_sequences, device, reference, cache,
-                                            logits_bytes=memory_bytes * 2 // 3,
-                                            cache_bytes=memory_bytes // 3 - held_elsewhere)
+                                            logits_bytes=memory_bytes // 3,
+                                            cache_bytes=memory_bytes * 2 // 3 - held_elsewhere)
     model.train(was_training)
     return results
 
@@ -239,14 +244,14 @@ def parse_named(spec, what="--checkpoints"):
     return named
 
 
-# dataset -> the reference's logits on its fixed sequences, computed once for all models
-reference_logits = {}
+# dataset -> the reference's side of the KL on its fixed sequences, computed once for all models
+reference_cache = {}
 
 
 def measure(model, data, dev, reference_model=None):
     """{short name: numbers} for one checkpoint; its KL to the reference model is kl_to_reference."""
     results = evaluate_sets(model, {d.name: d for d in data}, block_size or model.config.block_size,
-                            eval_sequences, dev, reference_model, reference_logits, int(memory_gb * 2 ** 30))
+                            eval_sequences, dev, reference_model, reference_cache, int(memory_gb * 2 ** 30))
     return {short: {("kl_to_reference" if k == "kl" else k): v for k, v in numbers.items()}
             for short, numbers in results.items()}
 
@@ -387,8 +392,10 @@ def main():
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=chosen_dtype == "bfloat16")
     with autocast:
         if ref_model is not None:
+            # measured as its own reference: its logits fill the cache the checkpoints' KL reads
             ref_model.eval()
-            results["reference"] = measure(ref_model, data, dev)
+            results["reference"] = {short: {k: v for k, v in numbers.items() if k != "kl_to_reference"}
+                                    for short, numbers in measure(ref_model, data, dev, ref_model).items()}
         for name, model in models.items():
             results[name] = measure(model, data, dev, ref_model)
     for name in models:

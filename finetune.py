@@ -423,7 +423,7 @@ def main():
     log = TrainingLog(os.path.join(out_dir, "log.jsonl"), start_step, model, ckpt_path,
                       "lower --learning_rate or --replay_coeff", is_main)
     evaluates = is_main or sharded   # sharded weights: every process runs the evaluations' forward passes
-    reference_logits = {}  # the reference's logits on the fixed validation sequences, computed once
+    reference_cache = {}  # the reference's side of the KL on the fixed validation sequences, computed once
 
     def target_reached(numbers):
         """The target this evaluation's numbers reach ("target_val_loss" or "target_accuracy"), or None."""
@@ -439,18 +439,20 @@ def main():
             # seconds spent sampling fresh replay inside this run
             record["replay_sample_seconds"] = round(replay_stream.sample_seconds, 3)
 
+        # at step 0 theta is still pi (LoRA's B starts at zero): the model's logits serve as the reference's
+        kl_to = (model if step == 0 else reference) if eval_kl else None
+
         @torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=eval_dtype == "bfloat16")
         def measure():
-            numbers = log_names(evaluate_sets(model, tracked, T, eval_sequences, dev,
-                                              reference if eval_kl else None, reference_logits))
+            numbers = log_names(evaluate_sets(model, tracked, T, eval_sequences, dev, kl_to, reference_cache))
             # does the run end here? (a target reached now starts the cooldown, if there is none)
             ends = step >= run_end(max_steps, step if target_reached(numbers) and step < cooldown_from
                                    else cooldown_from, cooldown_steps)
             if costly and step and (ends or bench_interval and step % bench_interval == 0):
                 if sharded:   # a benchmark is scored by hidden() and unembed, not by a whole forward
                     model.unshard()   # pass: gather the top-level weights (the blocks gather their own)
-                numbers.update(log_names(evaluate_sets(model, costly, T, eval_sequences, dev,
-                                                       reference if eval_kl else None, reference_logits)))
+                numbers.update(log_names(evaluate_sets(model, costly, T, eval_sequences, dev, kl_to,
+                                                       reference_cache)))
                 if sharded:
                     model.reshard()
             return numbers

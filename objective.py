@@ -84,3 +84,23 @@ class Objective(nn.Module):
             parts["loss_lwf"] = kl_loss(logits_new, reference_logits)
             total = total + self.lwf_coeff * parts["loss_lwf"]
         return total, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# the same KL, measured again and again on fixed validation sequences (evaluation): pi's side of
+# the sum does not change while theta trains, so it is computed once and kept
+
+def reference_side(reference_logits):
+    """pi's part of KL(pi || theta) at every position: (pi, sum_v pi log pi), float32."""
+    log_pi = F.log_softmax(reference_logits[:, :-1].float(), dim=-1)
+    pi = log_pi.exp()
+    return pi, (pi * log_pi).sum(-1)
+
+
+def kl_from_reference_side(logits, side, mask=None):
+    """kl_loss(logits, reference_logits, mask), given side = reference_side(reference_logits):
+    the same number up to float rounding, with one log-softmax instead of two and no exp.
+    KL = sum_v pi log pi - sum_v pi log theta."""
+    pi, pi_log_pi = side
+    kl = pi_log_pi - (pi * F.log_softmax(logits[:, :-1].float(), dim=-1)).sum(-1)
+    return kl.mean() if mask is None else masked_mean(kl.reshape(-1), mask)

@@ -19,8 +19,8 @@ held-out self-generated samples (KL to the reference).
     python released_model.py                   # CPU profile: 42 min on 2 cores
     python released_model.py --profile=gpu     # longer sequences, larger batches, more steps
 
-Every stage is a plain call of convert.py, data/bible/prepare.py, sample_replay.py, finetune.py,
-evaluate.py and plot.py, printed as it runs; a stage whose output exists is skipped and an
+Every stage is a plain call of convert.py, data/bible/prepare.py, sample_replay.py, finetune.py
+and plot.py, printed as it runs; a stage whose output exists is skipped and an
 interrupted finetuning run resumes, so the experiment can be stopped and started again.
 Writes results/released_model.{json,md,png}; bulky artifacts go to out/released/.
 """
@@ -103,7 +103,7 @@ def main():
     global dtype
     dtype = pick_dtype(dtype, pick_device(device))
     print(f"dtype: {dtype} (bfloat16 only where this machine multiplies in it fast)")
-    stages = Stages(out_root, "released_model.py", again=("evaluate", "plot"))
+    stages = Stages(out_root, "released_model.py", again=("plot",))
     launch, timings = stages.launch, stages.timings
     ckpt = os.path.join(model_dir, "ckpt.pt")
     en, es = f"{data_name}/en", f"{data_name}/es"
@@ -152,14 +152,10 @@ def main():
             target = read_jsonl(os.path.join(out_dir, "log.jsonl"))[-1]["val_loss/es"]
             print(f"Spanish target: {target:.4f} (standard finetuning after {standard_steps} steps)")
 
-    # the final checkpoints through evaluate.py (at the step each run stopped), then the
-    # comparison at exactly the target from the runs' own logs
-    checkpoints = ",".join(f"{m}={out_root}/{m}/ckpt.pt" for m in METHODS)
-    launch("evaluate.py", {"checkpoints": checkpoints, "reference": ckpt, "block_size": block_size,
-                           "datasets": f"{en},{es},corpus:{out_root}/heldout_self.pt",
-                           "eval_sequences": eval_sequences,
-                           "out_json": f"{out_root}/evaluate.json", "out_md": f"{out_root}/evaluate.md",
-                           "device": device}, "evaluate")
+    # the comparison at exactly the target, from the runs' own logs: finetune.py measured every
+    # evaluation with evaluate.py's functions on the same windows (a run's last record is its final
+    # checkpoint's numbers, so evaluating the checkpoints again would repeat them), and its step 0 is
+    # the reference
     logs = {m: read_jsonl(os.path.join(out_root, m, "log.jsonl")) for m in METHODS}
     reference = logs["standard"][0]
     result = {"reference": {"en_loss": reference["val_loss/en"], "es_loss": reference["val_loss/es"],
@@ -180,12 +176,11 @@ def main():
                                                     "standard_steps", "max_steps", "eval_interval", "eval_sequences",
                                                     "dtype")}
     total = sum(timings.values())   # plot.py's few seconds come after
-    # the runs' logs give their training, evaluation and mid-run sampling; the corpora's sampling and
-    # the final evaluation are whole stages, timed as they ran
+    # the runs' logs give their training, evaluation and mid-run sampling; the corpora's sampling
+    # stages are timed as they ran
     split = time_split([os.path.join(out_root, m) for m in METHODS])
     split["sampling"] += timings.get("sample_replay", 0.0) + timings.get("sample_heldout_self", 0.0)
-    split["evaluation"] += timings["evaluate"]
-    split["other"] = total - sum(split.values())   # conversion, tokenizing, loading, process start-up
+    split["other"] = total - sum(split.values())   # conversion, tokenizing, loading, saving, process start-up
     result["seconds"] = {"stages": {k: round(v, 1) for k, v in timings.items()}, "total": round(total, 1),
                          "split": {k: round(v, 1) for k, v in split.items()}}
     write_json("results/released_model.json", result)

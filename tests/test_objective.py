@@ -28,6 +28,24 @@ def test_kl_value_and_gradient_match_a_float64_reference():
     assert logits.grad[:, -1].abs().max() == 0  # last position masked, as in the NTP loss
 
 
+def test_evaluation_kl_from_the_reference_side_kept_between_calls_is_the_same_kl():
+    """Evaluation keeps pi's side of the sum (pi and sum pi log pi) for its fixed windows and
+    measures sum pi log pi - sum pi log theta: kl_loss's number, float64 by hand, with and without
+    a mask; and exactly 0 when theta is pi."""
+    from objective import kl_from_reference_side, reference_side
+    torch.manual_seed(2)
+    logits, reference_logits = torch.randn(3, 7, 17) * 3, torch.randn(3, 7, 17) * 3
+    mask = torch.rand(3, 7) > 0.4
+    side = reference_side(reference_logits)
+    p = torch.softmax(reference_logits.double()[:, :-1], -1)
+    per_position = (p * (p.log() - torch.log_softmax(logits.double()[:, :-1], -1))).sum(-1)
+    marked = mask[:, 1:]
+    assert abs(kl_from_reference_side(logits, side).item() - per_position.mean().item()) < 1e-6
+    assert abs(kl_from_reference_side(logits, side, mask).item() - per_position[marked].mean().item()) < 1e-6
+    assert abs(kl_from_reference_side(logits, side).item() - kl_loss(logits, reference_logits).item()) < 1e-6
+    assert kl_from_reference_side(reference_logits, side).item() == 0.0
+
+
 # --- the whole objective -------------------------------------------------------------------------
 
 class FixedLogits(nn.Module):

@@ -168,6 +168,28 @@ def test_evaluation_numbers_do_not_depend_on_the_memory_it_may_use(toy_data):
     assert not cache and tight == pytest.approx(roomy, rel=1e-6) and set(tight) == {"loss", "kl", "accuracy"}
 
 
+def test_a_model_measured_against_itself_fills_the_reference_cache_with_the_reference_numbers(toy_data):
+    """At a finetuning run's step 0 (and for evaluate.py's reference row) the model is the reference:
+    one forward pass serves both. The cache it fills, and every later KL read from it, are exactly
+    those a separate copy of the reference gives."""
+    import copy
+    from model import GPT, GPTConfig
+    data = Dataset(toy_data["add"])
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=data.meta["vocab_size"], block_size=data.row_len, **TINY_MODEL)
+    model = GPT(config).eval()
+    reference = copy.deepcopy(model)
+    itself, separate = {}, {}
+    first = evaluate_on(model, data, None, 64, reference=model, reference_cache=itself, batch_size=16)
+    assert first == evaluate_on(model, data, None, 64, reference=reference, reference_cache=separate, batch_size=16)
+    assert first["kl"] == 0.0 and len(itself) == 4
+    assert all(torch.equal(a, b) for i in itself for a, b in zip(itself[i], separate[i]))
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight.add_(0.1)   # "trained": now it drifts from the reference
+    later = evaluate_on(model, data, None, 64, reference=reference, reference_cache=itself, batch_size=16)
+    assert later["kl"] > 0 and later == evaluate_on(model, data, None, 64, reference=reference, batch_size=16)
+
+
 def test_accuracy_is_exact_match_of_greedy_decoding(toy_data):
     """A row counts as right exactly when greedy decoding from its prompt writes its whole answer:
     rows holding the model's own greedy answers are right; one changed answer token, the first or
@@ -206,7 +228,10 @@ def test_methods_are_compared_at_exactly_the_target_loss_by_interpolation(tmp_pa
 
 
 def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_data, tmp_path):
-    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"), **FT)
+    """...and a finetuning run's log holds the same numbers: its last record is its final checkpoint
+    measured as evaluate.py measures it, its step 0 the reference (so experiments read the logs)."""
+    run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(tmp_path / "ft"),
+               eval_kl=True, **{**FT, "eval_sequences": 32})
     out_json = str(tmp_path / "eval.json")
     run_script("evaluate", checkpoints=f"same={tiny_checkpoint},ft={tmp_path / 'ft' / 'ckpt.pt'}",
                reference=tiny_checkpoint, datasets=f"{toy_data['sort']},{toy_data['add']}", eval_sequences=32,
@@ -220,6 +245,13 @@ def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_d
     assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - reference["sort"]["loss"])
     assert report["arms"]["ft"] == {"sort": ft["sort"]["accuracy"], "add": ft["add"]["accuracy"]}
     assert "| ft |" in open(tmp_path / "eval.md").read()
+    log = read_jsonl(tmp_path / "ft" / "log.jsonl")
+    for record, numbers in ((log[-1], ft), (log[0], reference)):
+        for short in ("sort", "add"):
+            assert record[f"val_loss/{short}"] == pytest.approx(numbers[short]["loss"], rel=1e-6)
+            assert record[f"accuracy/{short}"] == numbers[short]["accuracy"]
+        assert record["val_kl/sort"] == pytest.approx(numbers["sort"].get("kl_to_reference", 0.0), abs=1e-7)
+    assert log[0]["val_kl/sort"] == 0.0 and "kl_to_reference" not in reference["sort"]
 
 
 def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluation(tiny_checkpoint, toy_data,
