@@ -16,6 +16,7 @@ the target, linearly interpolated between the two evaluations around it.
     python evaluate.py --logs=standard=out/en_es/standard/log.jsonl,kl=out/en_es/kl_self/log.jsonl \
         --match=val_loss/es=4.744 --out_json=results/method_comparison.json
 """
+import math
 import os
 import time
 from itertools import repeat
@@ -405,6 +406,12 @@ def main():
                 m["forgetting_loss"] = m["loss"] - ref["loss"]
             if "accuracy" in m:
                 m["forgetting_accuracy"] = ref["accuracy"] - m["accuracy"]
+    # an exact-match accuracy is a mean over n rows: its standard error is sqrt(p (1 - p) / n)
+    rows = {d.short_name: min(eval_sequences, len(d.splits["val"])) for d in data if "answer_start" in d.meta}
+    for numbers in results.values():
+        for short, m in numbers.items():
+            if "accuracy" in m and short in rows:
+                m["accuracy_se"] = math.sqrt(m["accuracy"] * (1 - m["accuracy"]) / rows[short])
 
     accuracies = {name: {s: m["accuracy"] for s, m in results[name].items() if "accuracy" in m}
                   for name in named}
@@ -425,7 +432,8 @@ def main():
 
 
 def markdown_table(results, dataset_names, steps):
-    """One row per checkpoint, per dataset: accuracy (toy tasks), loss, and KL to the reference;
+    """One row per checkpoint, per dataset: accuracy (toy tasks, +- its standard error), loss, and KL to
+    the reference;
     then the training steps of the checkpoint (and why it stopped) and how many times its most-used
     replay sequence was seen (replay passes; 0 = no replay)."""
     columns = []
@@ -439,8 +447,8 @@ def markdown_table(results, dataset_names, steps):
     for row, metrics in results.items():
         cells = []
         for s, key, _ in columns:
-            value = metrics[s].get(key)
-            cells.append("" if value is None else f"{value:.3f}")
+            value, se = metrics[s].get(key), metrics[s].get(f"{key}_se")
+            cells.append("" if value is None else f"{value:.3f}" + ("" if se is None else f" ± {se:.3f}"))
         step = steps.get(row, {})
         reached = step.get("stop_reason") != "target not reached"
         note = f"{step.get('step')}" + ("" if reached else " (target not reached)")

@@ -244,7 +244,9 @@ def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_d
     reference = report["metrics"]["reference"]
     assert ft["sort"]["forgetting_loss"] == pytest.approx(ft["sort"]["loss"] - reference["sort"]["loss"])
     assert report["arms"]["ft"] == {"sort": ft["sort"]["accuracy"], "add": ft["add"]["accuracy"]}
-    assert "| ft |" in open(tmp_path / "eval.md").read()
+    p = ft["add"]["accuracy"]   # 32 rows: the standard error of an accuracy over them, beside it in the table
+    assert ft["add"]["accuracy_se"] == pytest.approx((p * (1 - p) / 32) ** 0.5)
+    assert f"| {p:.3f} ± {ft['add']['accuracy_se']:.3f} |" in open(tmp_path / "eval.md").read()
     log = read_jsonl(tmp_path / "ft" / "log.jsonl")
     for record, numbers in ((log[-1], ft), (log[0], reference)):
         for short in ("sort", "add"):
