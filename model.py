@@ -378,9 +378,9 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    wide = torch.float32 if logits.device.type == "mps" else torch.float64  # (MPS has no float64)
-    cdf = F.softmax(logits, dim=-1).to(wide).cumsum(dim=-1)
-    u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device, dtype=wide) * cdf[:, -1:]
+    u = row_uniforms(logits.size(0), generator, logits.device)
+    cdf = F.softmax(logits, dim=-1).to(u.dtype).cumsum(dim=-1)
+    u = u * cdf[:, -1:]
     # the first position whose cumulative probability exceeds u: token i has an interval of width p_i
     return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.size(-1) - 1).squeeze(-1)
 
@@ -391,9 +391,15 @@ def skip_draws(rows, steps, generator, device, temperature=1.0):
     passes over the others' draws and gets the very numbers one process would."""
     if temperature == 0:
         return
-    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
     for _ in range(steps):
-        torch.rand(rows, 1, generator=generator, device=device, dtype=wide)
+        row_uniforms(rows, generator, device)
+
+
+def row_uniforms(rows, generator, device):
+    """sample_next's random draw: one uniform number per row, in float64 (float32 on MPS, which has
+    no float64). skip_draws makes the same calls, so the two cannot drift apart."""
+    wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    return torch.rand(rows, 1, generator=generator, device=device, dtype=wide)
 
 
 def paper_parameter_count(depth, width, vocab_size):

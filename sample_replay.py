@@ -254,7 +254,8 @@ def main():
     prompt_list = [{"name": n, "token": t, "share": s, "count": c} for (n, t, s), c in zip(parsed, counts)]
     prompt_tokens = prompt_column(prompt_list)
 
-    # -- the sampling itself: chunks of batch_size sequences, each from a generator of its own
+    # -- the sampling itself: chunks of batch_size sequences from one random stream (under torchrun
+    # each process samples its share and passes over the others' draws)
     t0 = time.time()
     partial_path = out + ".partial"
     tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev, partial_path,
