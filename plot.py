@@ -10,8 +10,9 @@ task boundaries marked. Reads <toy_dir>/pretrain/log.jsonl and <toy_dir>/<arm>/<
 the layout toy_continual.sh writes.
 frontier: old-data loss against new-data loss along each finetuning run: a method that forgets
 less stays lower at the same new-data loss.
-sweep_size, sweep_tpp, sweep_mixture, sweep_lr, sweep_compute: the capacity and learning-rate
-studies, drawn from the results/sweep_<study>.json that sweep.py writes (--results=PATH).
+sweep_size, sweep_tpp, sweep_mixture, sweep_lr, sweep_compute, sweep_methods: the capacity,
+learning-rate and method-comparison studies, drawn from the results/sweep_<study>.json that
+sweep.py writes (--results=PATH).
 """
 import json
 import os
@@ -295,9 +296,29 @@ def sweep_compute_figure(result):
     return fig
 
 
+def sweep_methods_figure(result):
+    """Forgetting of every method at the Spanish target: one dot per finetuning seed, a bar at the
+    mean, so a reader sees which differences are larger than the seeds' spread."""
+    summary = result["summary"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(summary) + 1.5))
+    for i, m in enumerate(summary):
+        seeds = [r["forgetting"] for r in result["runs_table"] if r["method"] == m["method"]]
+        ax.plot(seeds, [i] * len(seeds), "o", color=f"C{i}", alpha=0.7)
+        ax.plot([m["forgetting"]] * 2, [i - 0.3, i + 0.3], color=f"C{i}", lw=2)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set_yticks(range(len(summary)), [m["method"] for m in summary])
+    ax.invert_yaxis()
+    ax.set_xlabel("English loss increase at the Spanish target (dots: seeds, bar: mean)")
+    ax.set_title(f"Method comparison: finetune LR {result['finetune_lr']:g}, coefficient {result['coeff']:g}, "
+                 f"Spanish target {result['spanish_target']:.3f}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 SWEEP_FIGURES = {"sweep_size": sweep_size_figure, "sweep_tpp": sweep_tpp_figure,
                  "sweep_mixture": sweep_mixture_figure, "sweep_lr": sweep_lr_figure,
-                 "sweep_compute": sweep_compute_figure}
+                 "sweep_compute": sweep_compute_figure, "sweep_methods": sweep_methods_figure}
 
 
 def capabilities_figure():

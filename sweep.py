@@ -9,6 +9,7 @@ Every point is a plain call of pretrain.py / sample_replay.py / finetune.py with
     python sweep.py --study=lr         # pretraining LR x finetuning LR, with and without KL replay
     python sweep.py --study=compute    # lower LR vs high LR + growing replay fraction: time to match
     python sweep.py --study=toy_orders # the toy continual demo in other task orders and seeds
+    python sweep.py --study=methods    # the method comparison in the study's regime: small forgetting, seeds
     python sweep.py --study=all
 
 Each run lives in its own folder under out/sweeps/, named by its settings, so studies share the
@@ -80,6 +81,17 @@ compute_target_steps = 100   # plain steps at high_lr that set the compute study
 compute_cap_steps = 4000        # enough for the lowest learning rate to get there
 toy_orders = "reversal sort add modadd;add reversal sort modadd;sort modadd reversal add"  # toy_orders study:
 toy_seeds = "1,2"               # every order x seed is one run of toy_continual.sh (its default settings)
+# methods study: the study's method comparison in its own regime, where standard finetuning forgets
+# a little (its 205M model: 0.11 nats), not several nats
+methods = "standard,lora,kl_self,kl_real,ntp_self,ntp_real"
+methods_width = 64              # more capacity than the base model: not pretrained to saturation...
+methods_tpp = 100.0
+methods_es_share = 0.05         # ... on English with a little Spanish, so Spanish tokens are known
+methods_lr = 1e-4               # a small finetuning LR, the same for every method (the study: 1e-5)
+methods_coeff = 10.0            # replay coefficient (the study's 10)
+methods_replay_batch = 8        # replay rows beside batch_size new ones (the study's 64 beside 256)
+methods_lora_rank = 4           # LoRA on the blocks only: Spanish tokens are known, embeddings stay frozen
+methods_target_steps = 600      # standard finetuning steps that set the Spanish target (forgetting ~0.15)
 
 GPU_PROFILE = {  # the paper's text model scale, for one GPU (untested here); --key=value still wins
     "data_name": "bible", "depth": 6, "head_dim": 64, "block_size": 256, "batch_size": 256, "base_width": 128,
@@ -168,24 +180,26 @@ def pretrain(width=None, tpp=None, es_share=0.0, lr=None, target_loss=0.0, seed=
                  **seed_arg)
 
 
-def replay_corpus(model_dir, count):
+def replay_corpus(model_dir, count, seed=None):
     """The model's own English samples, `count` of them; finetune.py samples more from the same
     model when a run needs more, so no run sees one twice."""
-    path = os.path.join(model_dir, f"replay_en_{count}.pt")
+    path = os.path.join(model_dir, f"replay_en_{count}" + (f"_s{seed}" if seed else "") + ".pt")
     used.append(path)
     if not os.path.exists(path):
         args = {"init_from": f"{model_dir}/ckpt.pt", "prompts": EN, "num_samples": count,
-                "batch_size": 512, "out": path, "resume": True}  # resume: continue a killed run's .partial
+                "batch_size": 512, "out": path, "resume": True,  # resume: continue a killed run's .partial
+                **({"seed": seed} if seed else {})}
         launch("sample_replay.py", path, args, fresh=not os.path.exists(path + ".partial"))
     return path
 
 
 def finetune(model_dir, name, target=0.0, max_steps=None, lr=None, coeff=0.0, replay_fraction=0.0,
-             replace_fraction=0.0, eval_interval=25, seed=None, corpus_size=0):
+             replace_fraction=0.0, eval_interval=25, seed=None, corpus_size=0, extra=None):
     """Finetune on Spanish; with coeff > 0, KL(pretrained || model) on the model's own English samples.
     replay_fraction f splits each batch of batch_size sequences into (1 - f) Spanish and f replay,
     and weighs the KL by the ratio of the two, so the loss is the mean over all sequences.
-    replace_fraction f instead replaces f of each batch by real English rows (the study's variant)."""
+    replace_fraction f instead replaces f of each batch by real English rows (the study's variant).
+    extra: any other finetune.py settings (the methods study's)."""
     max_steps = max_steps or cap_factor * target_steps
     args = {"init_from": f"{model_dir}/ckpt.pt", "dataset": ES, "learning_rate": lr or finetune_lr,
             "batch_size": batch_size, "max_steps": max_steps, "target_val_loss": target,
@@ -200,6 +214,7 @@ def finetune(model_dir, name, target=0.0, max_steps=None, lr=None, coeff=0.0, re
     if coeff:
         args.update(replay="kl", replay_coeff=coeff,
                     replay_source=replay_corpus(model_dir, corpus_size or corpus_steps * n_replay))
+    args.update(extra or {})
     return train("finetune.py", f"{model_dir}/ft/{name}" + (f"_s{seed}" if seed else ""), **args)
 
 
@@ -540,8 +555,97 @@ def toy_orders_table(result):
                         f"{r['seconds']:.0f}", "yes" if r["meets_bars"] else "NO"] for r in result["trials"]])
 
 
+def methods_study():
+    """The method comparison in the study's regime: a model that knows a little Spanish, finetuned
+    on Spanish at a small LR by each method (KL / NTP on self-generated / real English replay,
+    LoRA, standard) to one Spanish target, every method at several finetuning seeds."""
+    base = pretrain(width=methods_width, tpp=methods_tpp, es_share=methods_es_share)
+    target = spanish_target(base, steps=methods_target_steps, lr=methods_lr)
+    cap = cap_factor * methods_target_steps
+    runs = []
+    for method in methods.split(","):
+        for seed in ints(seeds):
+            ft = finetune(base, f"{method}_lr{methods_lr:g}_to{target:.4f}", target=target, lr=methods_lr,
+                          max_steps=cap, seed=seed, extra=method_args(base, method, seed))
+            runs.append({"method": method, "seed": seed, **outcome(ft, target)})
+    summary = methods_summary(runs)
+    save("methods", {"study": "methods", "model": model_info(base, methods_width), "es_share": methods_es_share,
+                     "spanish_target": target, "finetune_lr": methods_lr, "coeff": methods_coeff,
+                     "lora_rank": methods_lora_rank, "runs_table": runs, "summary": summary,
+                     "verdicts": methods_verdicts(summary)}, methods_table)
+
+
+def method_args(model_dir, method, seed):
+    """finetune.py settings of one method: standard, lora, or <kl|ntp>_<self|real> replay."""
+    if method == "standard":
+        return {}
+    if method == "lora":
+        return {"lora_rank": methods_lora_rank}
+    kind, source = method.split("_")
+    args = {"replay": kind, "replay_coeff": methods_coeff, "replay_batch_size": methods_replay_batch}
+    if source == "self":   # a corpus per seed, so the seeds draw different replay
+        args["replay_source"] = replay_corpus(model_dir, corpus_steps * methods_replay_batch, seed)
+    else:                  # real English rows, in a different order per seed
+        args["replay_source"] = f"data:{EN}"
+    return args
+
+
+def methods_summary(runs):
+    """Per method: forgetting's mean, sample standard deviation, min and max over the seeds."""
+    summary = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        f = [r["forgetting"] for r in group]
+        mean = sum(f) / len(f)
+        std = math.sqrt(sum((x - mean) ** 2 for x in f) / (len(f) - 1)) if len(f) > 1 else 0.0
+        summary.append({"method": method, "seeds": len(f), "forgetting": mean, "std": std, "min": min(f),
+                        "max": max(f), "steps": sum(r["steps"] for r in group) / len(group),
+                        "en_before": group[0]["en_before"], "reached": sum(r["reached"] for r in group)})
+    return summary
+
+
+# the study's orderings: (claim, method a, method b, what the study found of a against b)
+METHOD_CLAIMS = [("replay keeps English: KL self-replay forgets less than standard", "kl_self", "standard", "less"),
+                 ("self-generated ~ real replay (KL)", "kl_self", "kl_real", "same"),
+                 ("self-generated ~ real replay (NTP)", "ntp_self", "ntp_real", "same"),
+                 ("KL beats NTP on self-generated replay", "kl_self", "ntp_self", "less"),
+                 ("KL beats NTP on real replay", "kl_real", "ntp_real", "less"),
+                 ("LoRA forgets too: more than KL self-replay", "kl_self", "lora", "less"),
+                 ("LoRA forgets no less than standard", "lora", "standard", "not less")]
+
+
+def methods_verdicts(summary):
+    """Each of the study's orderings, judged against the seed spread: a difference counts only when
+    the two methods' ranges over the seeds (min..max) do not overlap."""
+    by = {m["method"]: m for m in summary}
+    verdicts = []
+    for claim, a, b, found in METHOD_CLAIMS:
+        if a not in by or b not in by:
+            continue
+        x, y = by[a], by[b]
+        diff = x["forgetting"] - y["forgetting"]
+        separated = x["max"] < y["min"] or y["max"] < x["min"]
+        holds = {"less": separated and diff < 0, "same": not separated,
+                 "not less": not (separated and diff < 0)}[found]
+        verdicts.append({"claim": claim, "a": a, "b": b, "difference": diff, "beyond_spread": separated,
+                         "holds": holds})
+    return verdicts
+
+
+def methods_table(result):
+    rows = [["method", "forgetting (mean ± sd)", "min..max", "steps to target", "reached"]]
+    rows += [[m["method"], f"{m['forgetting']:+.4f} ± {m['std']:.4f}", f"{m['min']:+.4f}..{m['max']:+.4f}",
+              f"{m['steps']:.0f}", f"{m['reached']}/{m['seeds']}"] for m in result["summary"]]
+    claims = [["the study's ordering", "difference (a - b)", "beyond the seed spread", "holds here"]]
+    claims += [[f"{v['claim']} ({v['a']} vs {v['b']})", f"{v['difference']:+.4f}",
+                "yes" if v["beyond_spread"] else "no", "yes" if v["holds"] else "NO"] for v in result["verdicts"]]
+    return (f"English before finetuning {result['summary'][0]['en_before']:.4f}; Spanish target "
+            f"{result['spanish_target']:.4f}; forgetting over {result['summary'][0]['seeds']} finetuning seeds:\n\n"
+            + markdown(rows) + "\n" + markdown(claims))
+
+
 STUDIES = {"size": size_study, "tpp": tpp_study, "mixture": mixture_study, "lr": lr_study, "compute": compute_study,
-           "toy_orders": toy_orders_study}
+           "toy_orders": toy_orders_study, "methods": methods_study}
 
 
 def main():

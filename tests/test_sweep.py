@@ -71,3 +71,51 @@ def test_compute_ratio_is_the_time_replay_needs_for_the_low_lr_runs_english_loss
     # 1e-3 ends at 3.2: even the smallest fraction ends lower, so its time only bounds the ratio
     assert mid["self"] == {"seconds": 6, "ratio": pytest.approx(40 / 6), "at_least": True}
     assert mid["replace"]["ratio"] == pytest.approx(10.0) and mid["replace"]["at_least"]
+
+
+def test_methods_study_runs_every_method_at_every_seed_and_judges_the_orderings(two_languages, tmp_path):
+    tiny = [f"--data_name={two_languages}", f"--out_root={tmp_path / 'out'}", f"--results_dir={tmp_path}",
+            "--depth=1", "--head_dim=8", "--methods_width=16", "--block_size=32", "--batch_size=8",
+            "--methods_tpp=2.0", "--eval_sequences=8", "--methods_target_steps=5",
+            "--seeds=1,2", "--methods=standard,lora,kl_self", "--methods_lr=1e-3", "--corpus_steps=1",
+            "--study=methods"]
+    first = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    launched = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
+    # pretrain, the target run, a replay corpus per seed, 3 methods x 2 seeds
+    assert len(launched) == 10
+    assert "--mixture=0.95,0.05" in launched[0]                     # Spanish present but rare
+    assert sum("--lora_rank=4" in line for line in launched) == 2   # LoRA on the blocks only
+    assert not any("lora_embeddings" in line for line in launched)
+    assert sum("replay_en_8_s2.pt" in line for line in launched) == 2  # seed 2's own corpus, and its run
+
+    result = json.load(open(tmp_path / "sweep_methods.json"))
+    assert [(r["method"], r["seed"]) for r in result["runs_table"]] == [
+        ("standard", 1), ("standard", 2), ("lora", 1), ("lora", 2), ("kl_self", 1), ("kl_self", 2)]
+    standard = result["summary"][0]
+    assert standard["seeds"] == 2 and standard["min"] <= standard["forgetting"] <= standard["max"]
+    assert [v["a"] + " vs " + v["b"] for v in result["verdicts"]] == ["kl_self vs standard", "kl_self vs lora",
+                                                                      "lora vs standard"]
+    assert os.path.getsize(tmp_path / "sweep_methods.png") > 10_000
+    again = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and not [line for line in again.stdout.splitlines() if line.startswith("+ ")]
+
+
+def method(name, *forgetting):
+    mean = sum(forgetting) / len(forgetting)
+    return {"method": name, "forgetting": mean, "min": min(forgetting), "max": max(forgetting)}
+
+
+def test_an_ordering_holds_only_when_the_seed_ranges_do_not_overlap():
+    verdicts = {v["claim"]: v for v in sweep.methods_verdicts([
+        method("standard", 0.20, 0.22, 0.25), method("lora", 0.18, 0.21, 0.30),
+        method("kl_self", 0.010, 0.012, 0.015), method("kl_real", 0.011, 0.016, 0.02),
+        method("ntp_self", 0.014, 0.03, 0.05), method("ntp_real", 0.03, 0.035, 0.04)])}
+    first = verdicts["replay keeps English: KL self-replay forgets less than standard"]
+    assert first["holds"] and first["beyond_spread"] and first["difference"] < 0
+    assert verdicts["self-generated ~ real replay (KL)"]["holds"]            # ranges overlap: the same
+    kl_ntp_self = verdicts["KL beats NTP on self-generated replay"]           # lower mean, but overlapping
+    assert kl_ntp_self["difference"] < 0 and not kl_ntp_self["beyond_spread"] and not kl_ntp_self["holds"]
+    assert verdicts["KL beats NTP on real replay"]["holds"]                   # 0.02 < 0.03: separated
+    assert verdicts["LoRA forgets no less than standard"]["holds"]
+    assert verdicts["self-generated ~ real replay (NTP)"]["holds"]            # 0.014..0.05 overlaps 0.03..0.04
