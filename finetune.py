@@ -64,7 +64,8 @@ replay_reuse = False             # False = no replay sequence is used twice (the
 lwf_coeff = 0.0                  # KL(reference || model) on the new data (LwF); 0 = off
 # -- mixing: real old rows in the new batches (no replay term)
 mix_dataset = ""                 # the real old data
-mix_fraction = 0.0               # fraction of each new batch replaced by mix_dataset rows
+mix_fraction = 0.0               # fraction of the new batches replaced by mix_dataset rows, on average: a
+                                 # share under one row a step (1/256 of 32) puts a row in every 8th batch
 # -- LoRA baseline: train only low-rank adapters on every linear layer of the blocks
 lora_rank = 0                    # 0 = full finetuning
 lora_alpha = 0.0                 # adapter scale alpha / rank; 0 = alpha equal to the rank (scale 1)
@@ -283,6 +284,13 @@ def load_full_state(model, optimizer, weights, optimizer_state):
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
+def mix_rows(step, per_step):
+    """Old rows mixed into step's batch: the step's share of the running total, so a fractional
+    share adds up exactly (0.125 a step: one row in every 8th batch) and a whole one is the same
+    every step."""
+    return int(np.floor((step + 1) * per_step + 1e-9) - np.floor(step * per_step + 1e-9))
+
+
 def check_settings():
     """Refuse, before any work, the settings that would fail later with a traceback or train
     otherwise than asked (the files they name are checked when they are read)."""
@@ -346,7 +354,7 @@ def main():
     # replay draws from its own random stream, so adding replay (even with coeff 0) leaves the
     # sequence of new-data batches unchanged: runs differ only by the regulariser
     replay_rng = np.random.default_rng(seed + 1)
-    n_mix = int(round(mix_fraction * batch_size))
+    mix_per_step = mix_fraction * batch_size   # old rows a step, on average
     n_replay = replay_batch_size or batch_size
     replay_stream = None
     if replay != "none":
@@ -357,7 +365,7 @@ def main():
               f"lr {learning_rate}; replay {replay}"
               + (f" x{replay_coeff} from {replay_stream.description}" if replay_stream else "")
               + (f"; LwF x{lwf_coeff}" if lwf_coeff else "")
-              + (f"; {n_mix} rows of {mix_dataset}" if mix else "")
+              + (f"; {mix_per_step:g} rows of {mix_dataset} a step" if mix else "")
               + (f"; LoRA rank {lora_rank}" if lora_rank else "")
               + (" + embeddings" if lora_rank and lora_embeddings else "")
               + (f"; {world_size} processes" if world_size > 1 else ""))
@@ -472,6 +480,7 @@ def main():
             group["lr"] = lr_at(step, max_steps, learning_rate, warmup_steps, schedule,
                                 cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
         # every rank draws the same global batches and keeps its own slice
+        n_mix = mix_rows(step, mix_per_step)
         x_new, mask_new = new_data.sample("train", batch_size - n_mix, T, rng, with_mask=True)
         mask_new = mask_new if answers_only else None
         if mix is not None and n_mix:

@@ -222,38 +222,45 @@ def sweep_mixture_figure(result):
 
 
 def sweep_lr_figure(result):
-    """Left: forgetting vs pretraining LR (mean over seeds, bars = min..max), with and without KL
-    replay; right: the English loss each pretraining LR ends at, the starting point of finetuning."""
-    summary = result["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, (flr, c) in enumerate(sorted({(g["finetune_lr"], g["kl_coeff"]) for g in summary})):
-        sel = sorted((g for g in summary if g["finetune_lr"] == flr and g["kl_coeff"] == c),
-                     key=lambda g: g["pretrain_lr"])
-        x = [g["pretrain_lr"] for g in sel]
-        y = [g["forgetting"] for g in sel]
-        err = [[g["forgetting"] - g["forgetting_min"] for g in sel],
-               [g["forgetting_max"] - g["forgetting"] for g in sel]]
-        label = f"finetune LR {flr:g}, " + ("KL self-replay x1" if c else "plain")
-        axes[0].errorbar(x, y, yerr=err, marker="o", capsize=3, color=f"C{i}", label=label)
+    """Left: forgetting against the Spanish loss along every finetuning run of the first seed, a
+    colour per pretraining LR, a line style per finetuning LR; right: forgetting at the Spanish
+    target against the finetuning LR, a line per pretraining LR (mean over seeds, bars = min..max)."""
+    summary, runs = result["summary"], result["runs_table"]
+    plrs = sorted({g["pretrain_lr"] for g in summary})
+    flrs = sorted({g["finetune_lr"] for g in summary})
+    styles = dict(zip(flrs, ["-", "--", ":", "-."] * len(flrs)))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    first_seed = min(r["seed"] for r in runs)
+    for i, plr in enumerate(plrs):
+        for r in runs:
+            if r["pretrain_lr"] == plr and r["seed"] == first_seed:
+                spanish, forgetting = zip(*r["curve"])
+                axes[0].plot(spanish, forgetting, styles[r["finetune_lr"]], color=f"C{i}", lw=1,
+                             label=f"pretrain LR {plr:g}, finetune LR {r['finetune_lr']:g}")
+        sel = sorted((g for g in summary if g["pretrain_lr"] == plr), key=lambda g: g["finetune_lr"])
+        axes[1].errorbar([g["finetune_lr"] for g in sel], [g["forgetting"] for g in sel], capsize=3, marker="o",
+                         color=f"C{i}", label=f"pretrain LR {plr:g}",
+                         yerr=[[g["forgetting"] - g["forgetting_min"] for g in sel],
+                               [g["forgetting_max"] - g["forgetting"] for g in sel]])
         for g in sel:
             if not g["all_reached"]:
-                mark_capped(axes[0], g["pretrain_lr"], g["forgetting"], f"C{i}")
-    plrs = sorted({g["pretrain_lr"] for g in summary})
-    before = {plr: next(g["en_before"] for g in summary if g["pretrain_lr"] == plr) for plr in plrs}
-    axes[1].plot(plrs, [before[p] for p in plrs], marker="o", color="k")
+                mark_capped(axes[1], g["finetune_lr"], g["forgetting"], f"C{i}")
+    axes[0].axvline(result["spanish_target"], color="k", lw=0.5)
+    axes[0].invert_xaxis()
+    axes[0].set_xlabel(f"Spanish loss (line: the target, {result['spanish_target']:.3f})")
+    axes[0].set_ylabel("English loss increase")
+    axes[0].set_title(f"every finetuning run, seed {first_seed}", fontsize=9)
+    axes[0].legend(fontsize=6)
+    axes[1].set_xscale("log")
+    axes[1].minorticks_off()
+    axes[1].set_xticks(flrs, [f"{lr:g}" for lr in flrs])
+    axes[1].set_xlabel("finetuning learning rate")
+    axes[1].set_ylabel("English loss increase at the Spanish target")
+    axes[1].legend(fontsize=7)
     for ax in axes:
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(plrs, [f"{lr:g}" for lr in plrs])
-        ax.set_xlabel("pretraining learning rate")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("English loss increase at the Spanish target")
-    axes[0].legend(fontsize=7)
-    axes[1].set_ylabel("English loss before finetuning (mean over seeds)")
-    fig.suptitle(f"Pretraining learning rate ({result['tokens_per_param']:g} tokens/param), "
-                 "finetuned to Spanish loss "
-                 f"{result['spanish_target']:.3f}; {len(result['runs_table']) // max(1, len(summary))} seeds",
-                 fontsize=10)
+    fig.suptitle(f"Pretraining LR: every model pretrained to English loss {result['english_target']:g}, "
+                 f"then finetuned (plain); {len({r['seed'] for r in runs})} seeds", fontsize=10)
     return fig
 
 
@@ -309,8 +316,8 @@ def sweep_methods_figure(result):
     ax.set_yticks(range(len(summary)), [m["method"] for m in summary])
     ax.invert_yaxis()
     ax.set_xlabel("English loss increase at the Spanish target (dots: seeds, bar: mean)")
-    ax.set_title(f"Method comparison: finetune LR {result['finetune_lr']:g}, coefficient {result['coeff']:g}, "
-                 f"Spanish target {result['spanish_target']:.3f}", fontsize=9)
+    ax.set_title(f"Method comparison: finetune LR {result['finetune_lr']:g} (LoRA {result['lora_lr']:g}), replay "
+                 f"coefficient {result['coeff']:g}, Spanish target {result['spanish_target']:.3f}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -359,3 +359,12 @@ def test_a_reached_target_starts_a_cooldown_and_the_run_stops_after_it(tiny_chec
     assert [r["step"] for r in read_jsonl(tmp_path / "ft" / "log.jsonl")] == [0, 3, 6, 7]
     ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert ckpt["finished"] and ckpt["stop_reason"] == "target_val_loss" and ckpt["step"] == 7
+
+
+def test_mixed_in_old_rows_add_up_to_the_fraction_even_below_one_row_a_step():
+    from finetune import mix_rows
+    per_step = 32 / 256                                   # 1/256 of a 32-row batch
+    rows = [mix_rows(step, per_step) for step in range(256)]
+    assert sum(rows) == 32 and set(rows) == {0, 1} and rows[:8] == [0] * 7 + [1]
+    assert [mix_rows(step, 8.0) for step in range(5)] == [8] * 5     # a whole share: the same every step
+    assert sum(mix_rows(step, 3.2) for step in range(10)) == 32       # 3, 3, 3, 3, 4, ...

@@ -32,7 +32,8 @@ def test_compute_study_end_to_end_then_nothing_left_to_run(two_languages, tmp_pa
     tiny = [f"--data_name={two_languages}", f"--out_root={tmp_path / 'out'}", f"--results_dir={tmp_path}",
             "--depth=1", "--head_dim=8", "--base_width=16", "--block_size=32", "--batch_size=8", "--base_tpp=2.0",
             "--eval_sequences=8", "--compute_target_steps=5", "--compute_cap_steps=20", "--seeds=1",
-            "--low_lrs=1e-4", "--replay_fractions=0.5", "--study=compute"]
+            "--low_lrs=1e-4", "--replay_fractions=0.5", "--replace_fractions=0.5",
+            "--study=compute"]
     first = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     launched = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
@@ -85,7 +86,7 @@ def test_methods_study_runs_every_method_at_every_seed_and_judges_the_orderings(
     # pretrain, the target run, a replay corpus per seed, 3 methods x 2 seeds
     assert len(launched) == 10
     assert "--mixture=0.95,0.05" in launched[0]                     # Spanish present but rare
-    assert sum("--lora_rank=4" in line for line in launched) == 2   # LoRA on the blocks only
+    assert sum("--lora_rank=16" in line for line in launched) == 2   # LoRA on the blocks only
     assert not any("lora_embeddings" in line for line in launched)
     assert sum("replay_en_8_s2.pt" in line for line in launched) == 2  # seed 2's own corpus, and its run
 
@@ -119,3 +120,23 @@ def test_an_ordering_holds_only_when_the_seed_ranges_do_not_overlap():
     assert verdicts["KL beats NTP on real replay"]["holds"]                   # 0.02 < 0.03: separated
     assert verdicts["LoRA forgets no less than standard"]["holds"]
     assert verdicts["self-generated ~ real replay (NTP)"]["holds"]            # 0.014..0.05 overlaps 0.03..0.04
+
+
+def test_lr_study_pretrains_every_lr_to_one_english_loss_then_sweeps_the_finetuning_lr(two_languages, tmp_path):
+    tiny = [f"--data_name={two_languages}", f"--out_root={tmp_path / 'out'}", f"--results_dir={tmp_path}",
+            "--depth=1", "--head_dim=8", "--base_width=16", "--block_size=32", "--batch_size=8", "--lr_tpp=20",
+            "--eval_sequences=8", "--target_steps=5", "--seeds=1", "--pretrain_lrs=3e-3,1e-2",
+            "--lr_target_loss=4.5", "--finetune_lrs=1e-3,3e-3", "--study=lr"]
+    done = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launched = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert len(launched) == 2 + 1 + 4                  # two pretrainings, the target run, 2 x 2 finetunings
+    assert all("--target_val_loss=4.5" in line for line in launched[:2])
+    result = json.load(open(tmp_path / "sweep_lr.json"))
+    for model in result["models"]:                     # each stopped at its first evaluation at or below 4.5
+        assert model["reached"] and model["en_loss"] <= 4.5
+    assert {(g["pretrain_lr"], g["finetune_lr"]) for g in result["summary"]} == {
+        (3e-3, 1e-3), (3e-3, 3e-3), (1e-2, 1e-3), (1e-2, 3e-3)}
+    for r in result["runs_table"]:                     # every curve starts at no forgetting
+        assert r["curve"][0][1] == 0.0 and len(r["curve"]) >= 2
+    assert os.path.getsize(tmp_path / "sweep_lr.png") > 10_000
