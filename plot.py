@@ -147,14 +147,17 @@ def mark_capped(ax, x, y, color):
 
 
 def coeff_lines(ax, rows, x_key, coeffs):
-    """Forgetting against x_key, one line per KL replay coefficient."""
+    """Forgetting against x_key, one line per KL replay coefficient (mean over the finetuning
+    seeds, bars = min..max)."""
     for i, c in enumerate(rows[0]["finetune"]):
         if c not in coeffs:
             continue
         xs = [row[x_key] for row in rows]
         outcomes = [row["finetune"][c] for row in rows]
         label = "plain finetuning" if float(c) == 0 else f"KL self-replay, coeff {c}"
-        ax.plot(xs, [o["forgetting"] for o in outcomes], marker="o", color=f"C{i}", label=label)
+        ax.errorbar(xs, [o["forgetting"] for o in outcomes], marker="o", color=f"C{i}", label=label, capsize=3,
+                    yerr=[[o["forgetting"] - o["forgetting_min"] for o in outcomes],
+                          [o["forgetting_max"] - o["forgetting"] for o in outcomes]])
         for x, o in zip(xs, outcomes):
             if not o["reached"]:
                 mark_capped(ax, x, o["forgetting"], f"C{i}")

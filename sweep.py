@@ -66,7 +66,8 @@ cap_factor = 4                  # other runs may take up to cap_factor x target_
 eval_sequences = 256
 corpus_steps = 100              # each replay corpus holds this many steps' worth; runs sample more as they go
 widths = "32,48,64,96"          # size study
-coeffs = "0,1,3,10"             # KL replay coefficients (0 = plain finetuning)
+coeffs = "0,1,3,10"             # KL replay coefficients (0 = plain finetuning)...
+coefficient_seeds = "1337,1,2"  # ... each at these finetuning seeds (size and tpp studies)
 tpps = "10,30,100,500,1000"     # tpp study
 chinchilla_tpp = 20.0           # mixture study: the compute-optimal length...
 es_shares = "0,0.25,0.5,0.75,1"  # ... and the Spanish shares of the pretraining mixtures
@@ -109,6 +110,7 @@ GPU_PROFILE = {  # the paper's text model scale, for one GPU (untested here); --
     "widths": "64,128,256,512", "eval_sequences": 1024}
 
 EN, ES = "bible512/en", "bible512/es"   # set from data_name in main()
+FINETUNE_DEFAULT_SEED = 1337    # finetune.py's (and sample_replay.py's) default --seed
 timings = {}   # run folder -> seconds, kept in out_root/timings.json across invocations
 used = []      # the runs the current study relied on (run now or earlier), for its total time
 
@@ -205,11 +207,12 @@ def replay_corpus(model_dir, count, seed=None):
 
 
 def finetune(model_dir, name, target=0.0, max_steps=None, lr=None, coeff=0.0, replay_fraction=0.0,
-             replace_fraction=0.0, eval_interval=25, seed=None, corpus_size=0, extra=None):
+             replace_fraction=0.0, eval_interval=25, seed=None, corpus_size=0, corpus_seed=None, extra=None):
     """Finetune on Spanish; with coeff > 0, KL(pretrained || model) on the model's own English samples.
     replay_fraction f splits each batch of batch_size sequences into (1 - f) Spanish and f replay,
     and weighs the KL by the ratio of the two, so the loss is the mean over all sequences.
     replace_fraction f instead replaces f of each batch by real English rows (the study's variant).
+    corpus_seed: draw the replay corpus with this seed (its own file) instead of sample_replay.py's.
     extra: any other finetune.py settings (the methods study's)."""
     max_steps = max_steps or cap_factor * target_steps
     args = {"init_from": f"{model_dir}/ckpt.pt", "dataset": ES, "learning_rate": lr or finetune_lr,
@@ -224,7 +227,7 @@ def finetune(model_dir, name, target=0.0, max_steps=None, lr=None, coeff=0.0, re
         args.update(mix_dataset=EN, mix_fraction=replace_fraction)
     if coeff:
         args.update(replay="kl", replay_coeff=coeff,
-                    replay_source=replay_corpus(model_dir, corpus_size or corpus_steps * n_replay))
+                    replay_source=replay_corpus(model_dir, corpus_size or corpus_steps * n_replay, corpus_seed))
     args.update(extra or {})
     return train("finetune.py", f"{model_dir}/ft/{name}" + (f"_s{seed}" if seed else ""), **args)
 
@@ -298,8 +301,10 @@ def markdown(rows):
 
 
 def forgetting_cell(o):
-    """One run's forgetting; a run that hit its step cap says at which Spanish loss it was read."""
-    return f"{o['forgetting']:+.3f}" + ("" if o["reached"] else f" (cap: Spanish {o['es_after']:.2f})")
+    """Forgetting over the seeds, mean (min..max); where a run hit its step cap, the highest Spanish
+    loss such a run was read at."""
+    return (f"{o['forgetting']:+.3f} ({o['forgetting_min']:+.3f}..{o['forgetting_max']:+.3f})"
+            + ("" if o["reached"] else f" (cap: Spanish {o['es_after']:.2f})"))
 
 
 def coefficient_table(models, columns):
@@ -371,9 +376,24 @@ def compute_table(result):
 # the studies
 
 def replay_coefficients(model_dir, target):
-    """Finetune one model to the Spanish target at every KL coefficient: {coeff: outcome}."""
-    return {f"{c:g}": outcome(finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c), target)
-            for c in floats(coeffs)}
+    """Finetune one model to the Spanish target at every KL coefficient and finetuning seed:
+    {coeff: forgetting's mean, min and max over the seeds, and every seed's outcome}."""
+    result = {}
+    for c in floats(coeffs):
+        runs = []
+        for seed in ints(coefficient_seeds):
+            # finetune.py's own default seed names its run without a seed (the studies' first runs);
+            # every other seed draws its own replay corpus too
+            default = seed == FINETUNE_DEFAULT_SEED
+            ft = finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c,
+                          seed=None if default else seed, corpus_seed=None if default else seed)
+            runs.append({"seed": seed, **outcome(ft, target)})
+        f = [r["forgetting"] for r in runs]
+        result[f"{c:g}"] = {"forgetting": sum(f) / len(f), "forgetting_min": min(f), "forgetting_max": max(f),
+                            "reached": all(r["reached"] for r in runs),
+                            "es_after": max(r["es_after"] for r in runs),
+                            "replay_passes": max(r["replay_passes"] for r in runs), "seeds": runs}
+    return result
 
 
 def size_study():
