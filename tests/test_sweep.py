@@ -133,7 +133,7 @@ def test_lr_study_pretrains_every_lr_to_one_english_loss_then_sweeps_the_finetun
     assert len(launched) == 2 + 1 + 4                  # two pretrainings, the target run, 2 x 2 finetunings
     assert all("--target_val_loss=4.5" in line for line in launched[:2])
     result = json.load(open(tmp_path / "sweep_lr.json"))
-    for model in result["models"]:                     # each stopped at its first evaluation at or below 4.5
+    for model in result["models"]:                     # each stopped once its English loss was at or below 4.5
         assert model["reached"] and model["en_loss"] <= 4.5
     assert {(g["pretrain_lr"], g["finetune_lr"]) for g in result["summary"]} == {
         (3e-3, 1e-3), (3e-3, 3e-3), (1e-2, 1e-3), (1e-2, 3e-3)}
