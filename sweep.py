@@ -67,7 +67,7 @@ eval_sequences = 256
 corpus_steps = 100              # each replay corpus holds this many steps' worth; runs sample more as they go
 widths = "32,48,64,96"          # size study
 coeffs = "0,1,3,10"             # KL replay coefficients (0 = plain finetuning)...
-coefficient_seeds = "1337,1,2"  # ... each at these finetuning seeds (size and tpp studies)
+coefficient_seeds = "1337,1,2"  # ... each at these finetuning seeds (size, tpp and mixture studies)
 tpps = "10,30,100,500,1000"     # tpp study
 chinchilla_tpp = 20.0           # mixture study: the compute-optimal length...
 es_shares = "0,0.25,0.5,0.75,1"  # ... and the Spanish shares of the pretraining mixtures
@@ -323,14 +323,18 @@ def mixture_table(result):
     for label, length in result["lengths"].items():
         shares = {f["es_share"]: f for f in length["frontier"]}
         english, mixed = shares[0.0], shares.get(0.25)
-        plain, kl = length["finetune"]["plain"][-1], length["finetune"]["kl_self"][-1]
+        def cell(ends, key, shift=0.0, sign=""):   # every seed's end: mean (min..max)
+            values = [e[key] - shift for e in ends]
+            return (f"{sum(values) / len(values):{sign}.3f} ({min(values):{sign}.3f}.."
+                    f"{max(values):{sign}.3f})")
+        plain, kl = length["ends"]["plain"], length["ends"]["kl_self"]
         rows.append([f"{label}, {length['tpp']:g} TPP", f"en {english['en_loss']:.3f}, es "
                                                         f"{english['es_loss']:.3f}",
                      f"en {mixed['en_loss']:.3f}, es {mixed['es_loss']:.3f}" if mixed else "",
-                     f"en {plain['en_loss']:.2f}, es {plain['es_loss']:.2f}",
-                     f"en {kl['en_loss']:.2f} ({kl['en_loss'] - english['en_loss']:+.2f}), es "
-                     f"{kl['es_loss']:.2f}",
-                     kl["step"], kl["replay_passes"]])
+                     f"en {cell(plain, 'en_loss')}, es {cell(plain, 'es_loss')}",
+                     f"en {cell(kl, 'en_loss')}, change {cell(kl, 'en_loss', english['en_loss'], '+')}, "
+                     f"es {cell(kl, 'es_loss')}",
+                     kl[0]["step"], max(e["replay_passes"] for e in kl)])
     return markdown(rows)
 
 
@@ -428,12 +432,18 @@ def mixture_study():
         frontier = [{"es_share": s, "en_loss": final_loss(d, "en"), "es_loss": final_loss(d, "es")}
                     for s, d in sorted(mixtures.items())]
         english = mixtures[0.0]
-        trajectories = {}
+        trajectories, ends = {}, {}
         for name, c in (("plain", 0.0), ("kl_self", 1.0)):
-            ft = finetune(english, f"trajectory_kl{c:g}", coeff=c, max_steps=cap_factor * target_steps)
-            trajectories[name] = [{"step": r["step"], "en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"],
-                                   "replay_passes": r["replay_passes"]} for r in log(ft)]
-        result["lengths"][label] = {"tpp": tpp, "frontier": frontier, "finetune": trajectories}
+            ends[name] = []
+            for seed in ints(coefficient_seeds):   # the first seed's path is drawn, every seed's end kept
+                default = seed == FINETUNE_DEFAULT_SEED
+                ft = finetune(english, f"trajectory_kl{c:g}", coeff=c, max_steps=cap_factor * target_steps,
+                              seed=None if default else seed, corpus_seed=None if default else seed)
+                path = [{"step": r["step"], "en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"],
+                         "replay_passes": r["replay_passes"]} for r in log(ft)]
+                trajectories.setdefault(name, path)
+                ends[name].append({"seed": seed, **path[-1]})
+        result["lengths"][label] = {"tpp": tpp, "frontier": frontier, "finetune": trajectories, "ends": ends}
     save("mixture", result, mixture_table)
 
 
