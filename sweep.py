@@ -379,6 +379,13 @@ def compute_table(result):
 # ----------------------------------------------------------------------------------------------
 # the studies
 
+def seed_args(seed):
+    """finetune() arguments for one of coefficient_seeds: finetune.py's own default seed names its
+    run without a seed (the studies' first runs, made before they had seeds) and uses the shared
+    corpus; every other seed gets its own run and its own replay corpus."""
+    return {} if seed == FINETUNE_DEFAULT_SEED else {"seed": seed, "corpus_seed": seed}
+
+
 def replay_coefficients(model_dir, target):
     """Finetune one model to the Spanish target at every KL coefficient and finetuning seed:
     {coeff: forgetting's mean, min and max over the seeds, and every seed's outcome}."""
@@ -386,11 +393,7 @@ def replay_coefficients(model_dir, target):
     for c in floats(coeffs):
         runs = []
         for seed in ints(coefficient_seeds):
-            # finetune.py's own default seed names its run without a seed (the studies' first runs);
-            # every other seed draws its own replay corpus too
-            default = seed == FINETUNE_DEFAULT_SEED
-            ft = finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c,
-                          seed=None if default else seed, corpus_seed=None if default else seed)
+            ft = finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c, **seed_args(seed))
             runs.append({"seed": seed, **outcome(ft, target)})
         f = [r["forgetting"] for r in runs]
         result[f"{c:g}"] = {"forgetting": sum(f) / len(f), "forgetting_min": min(f), "forgetting_max": max(f),
@@ -436,9 +439,8 @@ def mixture_study():
         for name, c in (("plain", 0.0), ("kl_self", 1.0)):
             ends[name] = []
             for seed in ints(coefficient_seeds):   # the first seed's path is drawn, every seed's end kept
-                default = seed == FINETUNE_DEFAULT_SEED
                 ft = finetune(english, f"trajectory_kl{c:g}", coeff=c, max_steps=cap_factor * target_steps,
-                              seed=None if default else seed, corpus_seed=None if default else seed)
+                              **seed_args(seed))
                 path = [{"step": r["step"], "en_loss": r["val_loss/en"], "es_loss": r["val_loss/es"],
                          "replay_passes": r["replay_passes"]} for r in log(ft)]
                 trajectories.setdefault(name, path)
@@ -503,8 +505,9 @@ def compute_study():
                           eval_interval=10, seed=seed)
             arms.append({"arm": f"lr {lr:g}", "variant": "none", "learning_rate": lr, "replay_fraction": 0.0,
                          **outcome(ft, target), "curve": curve(ft)})
-        for f in sorted(set(floats(replay_fractions)) | set(floats(replace_fractions))):
-            if f in floats(replay_fractions):
+        self_shares, replace_shares = floats(replay_fractions), floats(replace_fractions)
+        for f in sorted(set(self_shares) | set(replace_shares)):
+            if f in self_shares:
                 n_replay = round(f * batch_size)
                 ft = finetune(base, f"lr{high_lr:g}_self{f:g}_to{target:.4f}", target=target, lr=high_lr,
                               replay_fraction=f, max_steps=replay_cap, eval_interval=10, seed=seed,
@@ -515,7 +518,7 @@ def compute_study():
                 result["train_seconds"] += result["sample_seconds"]
                 arms.append({"arm": f"lr {high_lr:g} + self-generated {f:g}", "variant": "self",
                              "learning_rate": high_lr, "replay_fraction": f, **result, "curve": curve(ft)})
-            if f in floats(replace_fractions):
+            if f in replace_shares:
                 ft = finetune(base, f"lr{high_lr:g}_replace{f:g}_to{target:.4f}", target=target, lr=high_lr,
                               replace_fraction=f, max_steps=replay_cap, eval_interval=10, seed=seed)
                 arms.append({"arm": f"lr {high_lr:g} + real rows {f:g}", "variant": "replace",
