@@ -4,7 +4,7 @@ reference checkpoint (usually the model before finetuning), and for toy tasks gr
 accuracy. Forgetting is the change from the reference: loss increase, accuracy drop.
 
     python evaluate.py --checkpoints=plain=out/ft_plain/ckpt.pt,replay=out/ft_kl/ckpt.pt \
-        --reference=out/pretrain_add/ckpt.pt --datasets=arithmetic/add,arithmetic/sort
+        --reference_checkpoint=out/pretrain_add/ckpt.pt --datasets=arithmetic/add,arithmetic/sort
 
 Prints a markdown table and writes out_json (and out_md if set). The JSON holds, per checkpoint
 ("arms"), the accuracy of every toy dataset, and in "metrics" everything measured.
@@ -23,16 +23,16 @@ from itertools import repeat
 
 import torch
 
-from checkpoint import load_checkpoint
-from config import UserError, pick_device, pick_dtype, run
-from dataset import Benchmark, check_compatible, check_short_names, dataset_files, open_eval_set
-from files import atomic_write_text, check_writable, read_jsonl, refuse_inputs, write_json
 from model import GPTConfig, KVCache
 from objective import kl_from_reference_side, ntp_loss, reference_side
-from progress import progress_bar
+from support.checkpoint import load_checkpoint
+from support.config import UserError, pick_device, pick_dtype, run
+from support.dataset import Benchmark, check_compatible, check_short_names, dataset_files, open_eval_set
+from support.files import atomic_write_text, check_writable, read_jsonl, refuse_inputs, write_json
+from support.progress import progress_bar
 
 checkpoints = "finetuned=out/finetune/ckpt.pt"   # comma-separated name=path (a bare path is named by itself)
-reference = "out/pretrain_add/ckpt.pt"          # "" = no reference (no KL, no forgetting columns)
+reference_checkpoint = "out/pretrain_add/ckpt.pt"  # the model before finetuning; "" = none (no KL, no forgetting)
 datasets = ""                                    # comma-separated (or corpus:<path>); "" = the reference's
 block_size = 0                                   # text windows of this many tokens;
                                                  # 0 = the model's block_size
@@ -258,7 +258,7 @@ def measure(model, data, dev, reference_model=None):
 
 
 def same_model(a, b):
-    """Two model_configs describe the same architecture (older checkpoints lack the newer fields)."""
+    """Two model_configs describe the same architecture (a field left out = its default)."""
     return GPTConfig(**a).to_dict() == GPTConfig(**b).to_dict()
 
 
@@ -332,7 +332,7 @@ def matched_table(rows, key, target):
         how = r["how"] + (f" (best {r['best']:.3f})" if r["how"] == "not reached" else "")
         cells = ["" if r.get(m) is None else f"{r[m]:+.3f}" if m.startswith("forgetting/") else f"{r[m]:.3f}"
                  for m in metrics]
-        passes = "" if r["replay_passes"] is None else r["replay_passes"]  # None: a log older than the count
+        passes = "" if r["replay_passes"] is None else r["replay_passes"]  # None: not a finetuning log
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['step']:.0f} | {how} | {passes} |")
     return "\n".join(lines)
 
@@ -340,7 +340,7 @@ def matched_table(rows, key, target):
 def check_outputs():
     """Fail before the measuring, not after it, if the report cannot be written or would replace
     one of the files it is made from (a checkpoint, a log, a dataset file)."""
-    named = [p.split("=", 1)[-1] for p in f"{checkpoints},{reference},{logs},{time_runs}".split(",") if p]
+    named = [p.split("=", 1)[-1] for p in f"{checkpoints},{reference_checkpoint},{logs},{time_runs}".split(",") if p]
     inputs = named + [f for n in datasets.split(",") if n for f in dataset_files(n)]
     for setting, path in (("--out_json", out_json), ("--out_md", out_md)):
         if path:
@@ -362,17 +362,17 @@ def main():
     split = time_split(time_runs.split(",")) if time_runs else None  # read (and checked) before the measuring
     dev = pick_device(device)
     named = parse_named(checkpoints)
-    ref_model, ref_ckpt = load_checkpoint(reference, dev) if reference else (None, None)
+    ref_model, ref_ckpt = load_checkpoint(reference_checkpoint, dev) if reference_checkpoint else (None, None)
     models, steps, ckpts = {}, {}, {}
     for name, path in named.items():
         models[name], ckpt = load_checkpoint(path, dev)
         ckpts[path] = ckpt
         steps[name] = {"step": ckpt.get("step"), "stop_reason": ckpt.get("stop_reason"),
-                       "replay_passes": ckpt.get("replay_passes")}  # None: a checkpoint older than the count
+                       "replay_passes": ckpt.get("replay_passes")}  # None: not a finetuning checkpoint
         models[name].eval()
         if ref_model is not None and not same_model(ckpt["model_config"], ref_ckpt["model_config"]):
             raise UserError(f"checkpoint {path} has config {ckpt['model_config']} but the "
-                            f"reference {reference} has "
+                            f"reference {reference_checkpoint} has "
                             f"{ref_ckpt['model_config']}: compare checkpoints of the same model")
     first_ckpt = ref_ckpt or ckpt
     names = [d for d in datasets.split(",") if d] or list(first_ckpt.get("data", {}))
@@ -380,7 +380,7 @@ def main():
         raise UserError("no datasets to evaluate: pass --datasets=name1,name2")
     data = [open_eval_set(n) for n in names]
     check_short_names(data)
-    for path, ckpt in [(reference, ref_ckpt), *ckpts.items()]:
+    for path, ckpt in [(reference_checkpoint, ref_ckpt), *ckpts.items()]:
         if ckpt is not None and block_size > ckpt["model_config"]["block_size"]:
             raise UserError(f"--block_size={block_size} is longer than the {ckpt['model_config']['block_size']} "
                             f"tokens {path} was built for: pass at most that (0 = the model's)")
@@ -419,7 +419,7 @@ def main():
               "metrics": results,
               "steps": steps,
               "checkpoints": named,
-              "reference": reference or None}
+              "reference": reference_checkpoint or None}
     if started_at:
         report["seconds"] = round(time.time() - started_at, 1)
     if split:  # sampling, training, evaluation (the runs' and this script's), other = the rest

@@ -11,8 +11,8 @@ model frozen (no_grad, never updated). Each step minimises (objective.py)
 
 Old data comes in three ways:
 - self-generated replay: replay batches from a replay corpus that the reference sampled itself
-  (sample_replay.py; replay_source=<corpus file>), never a sequence twice;
-- real replay: replay batches of real old data (replay_source=data:<dataset>);
+  (sample_replay.py; replay_source=<corpus file>), never a sequence twice (replay.py's ReplayStream);
+- real replay: replay batches of real old data (replay_source=data:<dataset>), through the same stream;
 - mixing: mix_fraction of every new batch replaced by real old rows (mix_dataset), no replay term.
 
     python finetune.py --init_from=out/pretrain_add/ckpt.pt --dataset=arithmetic/sort
@@ -29,21 +29,19 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from checkpoint import load_checkpoint, restore_rng, resume_run, rng_state, save_checkpoint, train_state
-from config import UserError, check_training_settings, config_snapshot, pick_device, pick_dtype, run, set_seed
-from dataset import Dataset, check_compatible, check_short_names, dataset_files, load_corpus, open_eval_set
-from distributed import finish_distributed, from_rank0, global_mean, rank0_only, setup_distributed, shard
 from evaluate import evaluate_sets, log_names
-from files import claim_out_dir, fingerprint, input_fingerprints
 from objective import Objective
-from progress import progress_bar
-from sample_replay import prompt_column, sample_corpus
-from training import TrainingLog, check_step_fits, lr_at, run_end
+from replay import ReplayStream
+from support.checkpoint import load_checkpoint, resume_run, save_checkpoint, train_state
+from support.config import UserError, check_training_settings, config_snapshot, pick_device, pick_dtype, run, set_seed
+from support.dataset import Dataset, check_compatible, check_short_names, dataset_files, open_eval_set
+from support.distributed import finish_distributed, global_mean, rank0_only, setup_distributed, shard
+from support.files import claim_out_dir, input_fingerprints
+from support.progress import progress_bar
+from support.training import Evaluations, Stopping, TrainingLog, check_step_fits, run_end
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -112,117 +110,6 @@ overwrite = False                # a fresh run into a folder holding another run
 # the settings above: what a run records, and what --resume compares
 SETTINGS = [k for k, v in list(globals().items())
             if not k.startswith("_") and isinstance(v, (int, float, str, bool))]
-
-
-class ReplayStream:
-    """Old-distribution sequences, one batch at a time: from a replay corpus (taken in a seeded
-    random order) or, for real replay, from a dataset's training split (windows at random offsets).
-
-    The study never shows the model the same self-generated sequence twice. When a corpus sampled
-    from the model being finetuned runs out, the stream samples another of the same size and
-    settings from the frozen reference (the same distribution: the reference is that model), as
-    the study resamples its replay buffer. `passes` counts how often the most-used replay sequence
-    has been seen (for real data: tokens drawn / tokens in the split); it is logged as replay_passes."""
-
-    def __init__(self, source, ckpt_path, ckpt, rng, batch_size, block_size, max_steps, reuse, reference=None,
-                 device="cpu"):
-        self.rng, self.reuse, self.may_sample = rng, reuse, False
-        self.epoch, self.drawn, self.chunk, self.sample_seconds = 0, 0, 0, 0.0
-        model_config, needed = ckpt["model_config"], max_steps * batch_size
-        if source.startswith("data:"):
-            self.dataset = Dataset(source[len("data:"):])
-            check_compatible(self.dataset.meta, model_config, self.dataset.dir, ckpt)
-            self.dataset.check_length(block_size)
-            self.description = f"real {self.dataset.name}"
-            train = self.dataset.splits["train"]  # toy rows, or a token stream cut into windows
-            self.capacity = len(train) if self.dataset.row_len else len(train) / block_size
-            if needed > self.capacity and not reuse:
-                raise UserError(f"replay_source={source}: {max_steps} steps x {batch_size} replay windows of "
-                                f"{block_size} tokens would pass over its training split "
-                                f"{needed / self.capacity:.1f} times: lower --replay_batch_size or "
-                                "--max_steps, or allow it with --replay_reuse=True")
-            return
-        self.dataset = None
-        self.tokens, self.meta = load_corpus(source)
-        self.description = f"corpus {source} ({len(self.tokens):,} sequences)"
-        check_compatible({**self.meta, "row_len": self.tokens.size(1)}, model_config,
-                         f"replay corpus {source}", ckpt, fix="re-sample it from this checkpoint")
-        self.capacity = len(self.tokens)
-        if batch_size > self.capacity:
-            raise UserError(f"--replay_batch_size={batch_size} is larger than replay corpus {source} "
-                            f"({self.capacity:,} sequences): sample more or lower --replay_batch_size")
-        # more can be sampled only from the model the corpus came from, the frozen reference
-        # (the same file content: the path may have moved)
-        meta = self.meta
-        source_sha = meta.get("source_sha256")
-        same_file = (fingerprint(ckpt_path)["sha256"] == source_sha if source_sha
-                     else meta.get("source_checkpoint") == os.path.abspath(ckpt_path))
-        from_reference = "prompts" in meta and same_file
-        self.reference, self.device = reference if from_reference else None, device
-        if needed > self.capacity and not reuse and self.reference is None:
-            raise UserError(f"replay corpus {source} has {self.capacity:,} sequences, but {max_steps} steps "
-                            f"x {batch_size} need {needed:,} so that none is used twice, and it was not "
-                            f"sampled from {ckpt_path}, so no more can be drawn: sample {needed} "
-                            f"(sample_replay.py --num_samples={needed}) or allow reuse with "
-                            "--replay_reuse=True")
-        self.order, self.position = rng.permutation(self.capacity), 0
-        self.may_sample = needed > self.capacity and not reuse   # the corpus will run out mid-run
-
-    @property
-    def passes(self):
-        if self.dataset is not None:
-            return round(self.drawn / self.capacity, 3)
-        return self.epoch + (self.position > 0 or self.chunk > 0)
-
-    def sample_more(self):
-        """Another corpus' worth of fresh sequences from the reference, with the corpus' own prompts,
-        length and temperature; a seed of its own for every chunk, so a resumed run gets the same."""
-        started = time.time()
-        m = self.meta
-        several = dist.is_available() and dist.is_initialized()   # under torchrun: each process its share
-        fresh = sample_corpus(self.reference, prompt_column(m["prompts"]), m["length"], m["temperature"],
-                              m["top_k"], 1024, m["seed"] + 7919 * self.chunk, self.device, progress=False,
-                              dtype=m.get("dtype", "float32"), rank=dist.get_rank() if several else 0,
-                              world_size=dist.get_world_size() if several else 1)
-        fresh = fresh.to(self.tokens.dtype)
-        self.sample_seconds += time.time() - started
-        return fresh
-
-    def state(self):
-        """Where the stream is, to resume it exactly."""
-        state = {"rng": rng_state(self.rng, with_torch=False), "epoch": self.epoch, "drawn": self.drawn,
-                 "chunk": self.chunk, "sample_seconds": self.sample_seconds}
-        if self.dataset is None:
-            state.update(order=torch.from_numpy(self.order), position=self.position)
-            if self.chunk:
-                state["tokens"] = self.tokens
-        return state
-
-    def load_state(self, state):
-        restore_rng(self.rng, state["rng"])
-        self.epoch, self.drawn, self.chunk = state["epoch"], state["drawn"], state["chunk"]
-        self.sample_seconds = state["sample_seconds"]
-        if self.dataset is None:
-            self.order, self.position = state["order"].numpy(), state["position"]
-            if self.chunk:
-                self.tokens = state["tokens"]
-
-    def next(self, batch_size, block_size):
-        self.drawn += batch_size
-        if self.dataset is not None:
-            return self.dataset.sample("train", batch_size, block_size, self.rng)
-        if self.position + batch_size > len(self.order):
-            if self.reuse:  # another pass over the same sequences
-                self.order, self.position = self.rng.permutation(len(self.tokens)), 0
-                self.epoch += 1
-            else:           # the unused rest, then fresh samples
-                self.chunk += 1
-                rest = self.tokens[torch.from_numpy(self.order[self.position:])]
-                self.tokens = torch.cat([rest, self.sample_more()])
-                self.order, self.position = self.rng.permutation(len(self.tokens)), 0
-        idx = self.order[self.position:self.position + batch_size]
-        self.position += batch_size
-        return self.tokens[torch.from_numpy(idx)]
 
 
 class LoRALinear(nn.Module):
@@ -319,15 +206,10 @@ def check_settings():
                         "--save_interval >= 0")
 
 
-def main():
-    check_settings()
-    rank, world_size, dev = setup_distributed(pick_device(device))
-    global dtype, eval_dtype   # "auto": bf16 only where this machine multiplies in it fast (not AVX2 alone)
-    dtype, eval_dtype = pick_dtype(dtype, dev), pick_dtype(eval_dtype, dev)
-    is_main = rank == 0  # rank 0 alone evaluates and writes files
-    rng = set_seed(seed)
-
-    # -- models: the one trained (theta) and the frozen reference (pi), both from init_from
+def read_inputs(dev, world_size):
+    """Everything the run reads, checked against each other before any work: the checkpoint, loaded
+    twice (theta, trained, and the frozen reference pi), the new data, the datasets tracked (the
+    checkpoint's own among them), the benchmarks, the old rows to mix in, and the replay stream."""
     model, ckpt = load_checkpoint(init_from, dev)
     reference, _ = load_checkpoint(init_from, dev)
     reference.eval().requires_grad_(False)  # it never receives a gradient or an update
@@ -336,14 +218,11 @@ def main():
         raise UserError(f"--block_size={block_size} must be at most the model's {model_config['block_size']} "
                         f"(0 = the model's)")
     T = block_size or model_config["block_size"]
-
-    # -- data: the new dataset, the old ones the checkpoint was trained on (tracked), mixing, replay
-    data_meta = dict(ckpt.get("data", {}))
     new_data = Dataset(dataset)
     if answers_only and not new_data.masks:
         raise UserError(f"--answers_only=True needs a chat dataset, whose answers are marked: {new_data.dir} "
                         "has no loss mask (prepare conversations with data/text/prepare.py)")
-    names = list(dict.fromkeys(list(data_meta) + [dataset] + [n for n in eval_datasets.split(",") if n]))
+    names = list(dict.fromkeys(list(ckpt.get("data", {})) + [dataset] + [n for n in eval_datasets.split(",") if n]))
     tracked = {name: new_data if name == dataset else open_eval_set(name) for name in names}
     costly = {name: open_eval_set(name) for name in bench_datasets.split(",") if name and name not in tracked}
     mix = Dataset(mix_dataset) if mix_fraction > 0 else None
@@ -353,13 +232,30 @@ def main():
     check_short_names([*tracked.values(), *costly.values()])
     # replay draws from its own random stream, so adding replay (even with coeff 0) leaves the
     # sequence of new-data batches unchanged: runs differ only by the regulariser
-    replay_rng = np.random.default_rng(seed + 1)
-    mix_per_step = mix_fraction * batch_size   # old rows a step, on average
-    n_replay = replay_batch_size or batch_size
     replay_stream = None
     if replay != "none":
-        replay_stream = ReplayStream(replay_source, init_from, ckpt, replay_rng, n_replay, T, max_steps,
-                                     replay_reuse, reference, dev)
+        replay_stream = ReplayStream(replay_source, init_from, ckpt, np.random.default_rng(seed + 1),
+                                     replay_batch_size or batch_size, T, max_steps, replay_reuse, reference, dev,
+                                     compile_step=compile)
+        if fsdp and world_size > 1 and replay_stream.may_sample:
+            raise UserError(f"--fsdp=True cannot sample fresh replay mid-run: sample a corpus of "
+                            f"{max_steps * (replay_batch_size or batch_size)} sequences (no sequence used twice) "
+                            "or allow reuse")
+    return model, reference, ckpt, T, new_data, tracked, costly, mix, replay_stream
+
+
+def main():
+    check_settings()
+    rank, world_size, dev = setup_distributed(pick_device(device))
+    global dtype, eval_dtype   # "auto": bf16 only where this machine multiplies in it fast (not AVX2 alone)
+    dtype, eval_dtype = pick_dtype(dtype, dev), pick_dtype(eval_dtype, dev)
+    is_main = rank == 0  # rank 0 alone evaluates and writes files
+    rng = set_seed(seed)
+
+    # -- inputs: the models theta (trained) and pi (the frozen reference), the data, the replay stream
+    model, reference, ckpt, T, new_data, tracked, costly, mix, replay_stream = read_inputs(dev, world_size)
+    mix_per_step = mix_fraction * batch_size   # old rows a step, on average
+    n_replay = replay_batch_size or batch_size
     if is_main:
         print(f"finetune {init_from} on {dataset}: {max_steps} steps, batch {batch_size}, "
               f"lr {learning_rate}; replay {replay}"
@@ -382,9 +278,6 @@ def main():
     # evaluations' too, and gathers the whole weights for rank 0 to save
     sharded = fsdp and world_size > 1
     if sharded:
-        if replay_stream and replay_stream.may_sample:
-            raise UserError(f"--fsdp=True cannot sample fresh replay mid-run: sample a corpus of "
-                            f"{max_steps * n_replay} sequences (no sequence used twice) or allow reuse")
         from torch.distributed.fsdp import fully_shard   # (imported here: it takes a second to import)
         for m in (model, reference):
             for block in m.blocks:
@@ -404,7 +297,7 @@ def main():
     corpus = replay_source if replay != "none" and not replay_source.startswith("data:") else ""
     input_files = {"init_from": [init_from], "replay_source": [corpus] if corpus else
                    dataset_files(replay_source[len("data:"):]) if replay != "none" else [],
-                   "datasets": [f for n in names + list(costly) + ([mix_dataset] if mix else [])
+                   "datasets": [f for n in list(tracked) + list(costly) + ([mix_dataset] if mix else [])
                                 for f in dataset_files(n)]}
     inputs = input_fingerprints(input_files)
     rank0_only(rank, world_size, lambda: claim_out_dir(out_dir, resume, overwrite,
@@ -419,11 +312,9 @@ def main():
     start_step = saved["step"] if saved else 0
     if saved and replay_stream:
         replay_stream.load_state(saved["train_state"]["replay"])
-    stop_reason = "target not reached" if target_val_loss or target_accuracy else "max_steps"
-    # a reached target starts the cooldown (at max_steps: none), and the run ends cooldown_steps later
-    cooldown_from = max_steps
-    if saved and saved["train_state"].get("cooldown_from") is not None:
-        cooldown_from, stop_reason = saved["train_state"]["cooldown_from"], saved["stop_reason"]
+    stopping = Stopping(max_steps, cooldown_steps)
+    if saved and saved["train_state"].get("target_reached_at") is not None:
+        stopping.target_reached_at, stopping.reason = saved["train_state"]["target_reached_at"], saved["stop_reason"]
     if is_main:
         n_total = sum(p.numel() for p in model.parameters())
         print(f"training {sum(p.numel() for p in trainable):,} of {n_total:,} parameters")
@@ -433,15 +324,16 @@ def main():
     evaluates = is_main or sharded   # sharded weights: every process runs the evaluations' forward passes
     reference_cache = {}  # the reference's side of the KL on the fixed validation sequences, computed once
 
+    # -- what happens at an evaluation: measure and log, see whether the target is reached, save
     def target_reached(numbers):
-        """The target this evaluation's numbers reach ("target_val_loss" or "target_accuracy"), or None."""
+        """The target these numbers reach ("target_val_loss" or "target_accuracy"), or None."""
         if target_val_loss and numbers[f"val_loss/{new_data.short_name}"] <= target_val_loss:
             return "target_val_loss"
         if target_accuracy and numbers.get(f"accuracy/{new_data.short_name}", 0) >= target_accuracy:
             return "target_accuracy"
         return None
 
-    def evaluate(step, losses):
+    def evaluate_and_log(step, losses):
         record = {"replay_passes": replay_stream.passes if replay_stream else 0, **losses}
         if replay_stream and replay_stream.dataset is None:
             # seconds spent sampling fresh replay inside this run
@@ -453,9 +345,11 @@ def main():
         @torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=eval_dtype == "bfloat16")
         def measure():
             numbers = log_names(evaluate_sets(model, tracked, T, eval_sequences, dev, kl_to, reference_cache))
-            # does the run end here? (a target reached now starts the cooldown, if there is none)
-            ends = step >= run_end(max_steps, step if target_reached(numbers) and step < cooldown_from
-                                   else cooldown_from, cooldown_steps)
+            # does the run end here? (a target reached now starts the cooldown, if none has started)
+            reached_at = stopping.target_reached_at
+            if reached_at is None and target_reached(numbers):
+                reached_at = step
+            ends = step >= run_end(max_steps, reached_at, cooldown_steps)
             if costly and step and (ends or bench_interval and step % bench_interval == 0):
                 if sharded:   # a benchmark is scored by hidden() and unembed, not by a whole forward
                     model.unshard()   # pass: gather the top-level weights (the blocks gather their own)
@@ -466,19 +360,47 @@ def main():
             return numbers
         return log.evaluation(step, record, measure)
 
+    def save(step, finished):
+        if not (finished or not save_interval or step % save_interval == 0):
+            return
+        # what resuming needs; a finished run is never resumed. The trained weights are kept apart
+        # from the plain ones only where they differ (LoRA's adapters). A sharded run's processes
+        # all help gather the whole weights and moments
+        weights, optimizer_state = (full_state(model, optimizer, not finished) if sharded else
+                                    (plain_state_dict(model), None))
+        if not is_main:
+            return
+        # replay_passes: the most any replay sequence was seen, in this run or the runs it continues
+        passes = max(replay_stream.passes if replay_stream else 0, ckpt.get("replay_passes", 0))
+        state = None if finished else train_state(
+            optimizer_state or optimizer.state_dict(), rng, stopping.target_reached_at,
+            replay=replay_stream.state() if replay_stream else None,
+            **({"model": model.state_dict()} if lora_rank else {}))
+        save_checkpoint(ckpt_path, model, state_dict=weights, step=step,
+                        data={**ckpt.get("data", {}), dataset: new_data.meta}, config=run_config,
+                        finished=finished,
+                        stop_reason=stopping.reason or ("target not reached" if target_val_loss or target_accuracy
+                                                        else "max_steps"),
+                        reference_checkpoint=os.path.abspath(init_from), replay_passes=passes, inputs=inputs,
+                        **({"train_state": state} if state else {}),
+                        **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
+        log.saved(step)
+
+    evaluations = Evaluations(eval_interval, stopping, evaluate_and_log, target_reached, save, world_size,
+                              evaluates, is_main)
+
     # -- training loop
     step_model = torch.compile(model) if compile else model
     objective = Objective(step_model, reference, replay, replay_coeff, lwf_coeff)
     step_objective = DistributedDataParallel(objective) if world_size > 1 and not sharded else objective
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     if evaluates and start_step == 0:
-        evaluate(0, {})
+        evaluate_and_log(0, {})
     pbar = progress_bar(range(start_step, max_steps), "finetune", disable=not is_main)
     for step in pbar:
         step_started = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, max_steps, learning_rate, warmup_steps, schedule,
-                                cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
+            group["lr"] = stopping.lr(step, learning_rate, warmup_steps, schedule)
         # every rank draws the same global batches and keeps its own slice
         n_mix = mix_rows(step, mix_per_step)
         x_new, mask_new = new_data.sample("train", batch_size - n_mix, T, rng, with_mask=True)
@@ -504,44 +426,10 @@ def main():
         log.train_seconds += time.time() - step_started - sampled
         pbar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
 
-        # -- evaluation and checkpoint: rank 0 evaluates, decides whether to stop, and saves;
-        # every rank then follows its decision
-        if (step + 1) % eval_interval == 0 or step + 1 == run_end(max_steps, cooldown_from, cooldown_steps):
-            finished = False
-            if evaluates:
-                record = evaluate(step + 1, parts)  # checked for divergence before it is logged
-                reached = target_reached(record)
-                if reached and step + 1 < cooldown_from:
-                    stop_reason = reached
-                    if is_main:
-                        tqdm.write(f"{stop_reason} on {dataset} reached"
-                                   + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
-                    cooldown_from = step + 1
-                finished = step + 1 >= run_end(max_steps, cooldown_from, cooldown_steps)
-                # replay_passes: the most any replay sequence was seen, in this run or the runs it continues
-                passes = max(replay_stream.passes if replay_stream else 0, ckpt.get("replay_passes", 0))
-                if finished or not save_interval or (step + 1) % save_interval == 0:
-                    # what resuming needs; a finished run is never resumed. The trained weights are
-                    # kept apart from the plain ones only where they differ (LoRA's adapters)
-                    # (a sharded run's processes all help gather the whole weights and moments)
-                    weights, optimizer_state = (full_state(model, optimizer, not finished) if sharded else
-                                                (plain_state_dict(model), None))
-                    if is_main:
-                        state = None if finished else train_state(
-                            optimizer_state or optimizer.state_dict(), rng,
-                            cooldown_from if cooldown_from < max_steps else None,
-                            replay=replay_stream.state() if replay_stream else None,
-                            **({"model": model.state_dict()} if lora_rank else {}))
-                        save_checkpoint(ckpt_path, model, state_dict=weights, step=step + 1,
-                                        data={**data_meta, dataset: new_data.meta}, config=run_config,
-                                        finished=finished, stop_reason=stop_reason,
-                                        reference=os.path.abspath(init_from), replay_passes=passes, inputs=inputs,
-                                        **({"train_state": state} if state else {}),
-                                        **({"tokenizer": ckpt["tokenizer"]} if "tokenizer" in ckpt else {}))
-                        log.saved(step + 1)
-            cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
-            if finished:
-                break
+        # -- evaluation and checkpoint, every eval_interval steps and at the end: rank 0 evaluates
+        # (every process of a sharded run), decides whether to stop, and saves; every rank follows
+        if evaluations.after_step(step + 1, parts):
+            break
     pbar.close()
     if is_main:
         log.done()

@@ -91,7 +91,7 @@ def _flash_attention(device="cuda"):
     if _flash is None:
         _flash = False
         try:
-            from flash_attention import flash_attention
+            from support.flash_attention import flash_attention
             generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG untouched
             q, k, v = (torch.randn(1, 2, 80, 64, device=device, generator=generator) for _ in range(3))
             # in float32 whatever the caller's autocast says (under bfloat16 autocast SDPA would round)

@@ -22,8 +22,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
-from config import UserError, run
-from files import atomic_path, check_writable, read_jsonl, refuse_inputs
+from support.config import UserError, run
+from support.files import atomic_path, check_writable, read_jsonl, refuse_inputs
 
 figure = "toy_continual"        # "toy_continual" or "frontier"
 out = "results/toy_continual.png"
@@ -54,12 +54,12 @@ def read_log(path):
 
 def read_results(path):
     if not os.path.exists(path):
-        raise UserError(f"--results={path!r} not found: run python sweep.py --study={figure[6:]} first")
+        raise UserError(f"--results={path!r} not found: run python experiments/sweep.py --study={figure[6:]} first")
     try:
         with open(path) as f:
             result = json.load(f)
     except ValueError:
-        raise UserError(f"{path} is not valid JSON: run python sweep.py --study={figure[6:]} again") from None
+        raise UserError(f"{path} is not valid JSON: run python experiments/sweep.py --study={figure[6:]} again") from None
     if not isinstance(result, dict) or result.get("study") != figure[6:]:
         raise UserError(f"{path} is not the results of sweep.py --study={figure[6:]}: run it again")
     return result
@@ -336,7 +336,7 @@ def capabilities_figure():
     the model before finetuning on its own chat answers (right) against the Verilog validation loss,
     along every run; one colour per method, one line per seed. The study's Figure 9, in shape."""
     if not os.path.exists(results):
-        raise UserError(f"--results={results!r} not found: run python released_verilog.py first")
+        raise UserError(f"--results={results!r} not found: run python experiments/released_verilog.py first")
     with open(results) as f:
         result = json.load(f)
     if "methods" not in result or "verilog_target" not in result:

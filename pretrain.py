@@ -16,18 +16,17 @@ import time
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from checkpoint import resume_run, save_checkpoint, train_state
-from config import UserError, check_training_settings, config_snapshot, pick_device, pick_dtype, run, set_seed
-from dataset import Dataset, check_compatible, check_short_names, dataset_files, sample_mixture
-from distributed import finish_distributed, from_rank0, global_mean, rank0_only, setup_distributed, shard
 from evaluate import evaluate_sets, log_names
-from files import claim_out_dir, input_fingerprints
 from model import GPT, GPTConfig, count_parameters
 from objective import ntp_loss
-from progress import progress_bar
-from training import TrainingLog, check_step_fits, lr_at, run_end
+from support.checkpoint import resume_run, save_checkpoint, train_state
+from support.config import UserError, check_training_settings, config_snapshot, pick_device, pick_dtype, run, set_seed
+from support.dataset import Dataset, check_compatible, check_short_names, dataset_files, sample_mixture
+from support.distributed import finish_distributed, global_mean, rank0_only, setup_distributed, shard
+from support.files import claim_out_dir, input_fingerprints
+from support.progress import progress_bar
+from support.training import Evaluations, Stopping, TrainingLog, check_step_fits
 
 # -- I/O
 out_dir = "out/pretrain_add"
@@ -84,6 +83,10 @@ def check_settings():
         raise UserError("no stopping rule: set --max_steps, --max_tokens or --tokens_per_param")
     if min(width, depth, head_dim) < 1:
         raise UserError("--width, --depth and --head_dim must be positive")
+    if width % head_dim or head_dim % 2:
+        problem = f"is not a multiple of --head_dim={head_dim}" if width % head_dim else "has an odd --head_dim"
+        raise UserError(f"--width={width} {problem}: choose --width a multiple of an even --head_dim "
+                        "(rotary embeddings rotate pairs)")
     if not [n for n in datasets.split(",") if n]:
         raise UserError("--datasets is empty: name at least one dataset under data/, e.g. arithmetic/add")
 
@@ -102,15 +105,10 @@ def mixture_fractions(n_datasets):
     return fractions
 
 
-def main():
-    check_settings()
-    rank, world_size, dev = setup_distributed(pick_device(device))
-    global dtype   # "auto": bf16 only where this machine multiplies in it fast (an AVX2-only CPU does not)
-    dtype = pick_dtype(dtype, dev)
-    is_main = rank == 0  # rank 0 alone evaluates and writes files
-    rng = set_seed(seed)
-
-    # -- data: the datasets trained on (each a fixed share of every batch), and those only evaluated
+def read_inputs():
+    """The datasets trained on (each a fixed share of every batch) and those only evaluated, read and
+    checked against each other and the model to build, before any work. Returns (data, fractions,
+    extra, model config)."""
     names = [n for n in datasets.split(",") if n]
     data = [Dataset(n) for n in names]
     fractions = mixture_fractions(len(data))
@@ -123,18 +121,27 @@ def main():
                         f"use datasets of one layout")
     extra = [Dataset(n) for n in eval_datasets.split(",") if n and n not in names]
     T = block_size or data[0].row_len or 256
-    seq_len = data[0].seq_len(T)
-
-    # -- model and optimizer: how long to train is counted in steps, tokens or tokens per parameter
-    try:
-        config = GPTConfig(vocab_size=data[0].meta["vocab_size"], block_size=T, width=width, depth=depth,
-                           head_dim=head_dim)
-    except ValueError as e:
-        raise UserError(f"{e}: choose --width a multiple of an even --head_dim") from None
+    config = GPTConfig(vocab_size=data[0].meta["vocab_size"], block_size=T, width=width, depth=depth,
+                       head_dim=head_dim)
     for d in data + extra:
         check_compatible(d.meta, config.to_dict(), d.dir)
         d.check_length(T)
     check_short_names(data + extra)
+    return data, fractions, extra, config
+
+
+def main():
+    check_settings()
+    rank, world_size, dev = setup_distributed(pick_device(device))
+    global dtype   # "auto": bf16 only where this machine multiplies in it fast (an AVX2-only CPU does not)
+    dtype = pick_dtype(dtype, dev)
+    is_main = rank == 0  # rank 0 alone evaluates and writes files
+    rng = set_seed(seed)
+
+    # -- data and model: how long to train is counted in steps, tokens or tokens per parameter
+    data, fractions, extra, config = read_inputs()
+    T = config.block_size
+    seq_len = data[0].seq_len(T)
     model = GPT(config).to(dev)
     n_actual, n_paper = count_parameters(model)
     check_step_fits(config, n_actual, batch_size // world_size, seq_len, dev)
@@ -160,22 +167,41 @@ def main():
         print(f"{ckpt_path} is a finished run ({saved['step']} steps): nothing to do")
         return
     start_step = saved["step"] if saved else 0
-    # a reached target starts the cooldown (total_steps: none yet), and the run ends cooldown_steps later
-    cooldown_from = (saved and saved["train_state"].get("cooldown_from")) or total_steps
+    stopping = Stopping(total_steps, cooldown_steps, saved and saved["train_state"].get("target_reached_at"))
     if is_main:
         print(f"model: width {width}, depth {depth}, {config.n_heads} heads of {head_dim}, block {T}; "
               f"{n_actual:,} parameters ({n_paper:,} by 12LD^2+DV)")
-        print(f"data: {', '.join(f'{n} ({f:.0%})' for n, f in zip(names, fractions))}; {total_steps} steps x "
+        print(f"data: {', '.join(f'{d.name} ({f:.0%})' for d, f in zip(data, fractions))}; {total_steps} steps x "
               f"{tokens_per_step:,} tokens = {total_steps * tokens_per_step / n_paper:.1f} tokens/param"
               + (f"; {world_size} processes" if world_size > 1 else ""))
         os.makedirs(out_dir, exist_ok=True)
     log = TrainingLog(os.path.join(out_dir, "log.jsonl"), start_step, model, ckpt_path,
                       hint="lower --learning_rate", is_main=is_main)
 
-    def evaluate(step, train_loss):
+    # -- what happens at an evaluation: measure and log, see whether the target is reached, save
+    def evaluate_and_log(step, train_loss):
         record = {"tokens": step * tokens_per_step, "train_loss": train_loss}
         return log.evaluation(step, record, lambda: log_names(
             evaluate_sets(model, {d.name: d for d in data + extra}, T, eval_sequences, dev)))
+
+    def target_reached(record):
+        """The target this evaluation reaches ("target_val_loss" or "target_accuracy"), or None."""
+        val_losses = [record[f"val_loss/{d.short_name}"] for d in data]
+        accuracies = [record[k] for d in data if (k := f"accuracy/{d.short_name}") in record]
+        if target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss:
+            return "target_val_loss"
+        if target_accuracy and accuracies and min(accuracies) >= target_accuracy:
+            return "target_accuracy"
+        return None
+
+    def save(step, finished):
+        save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config, step=step,
+                        finished=finished, inputs=inputs,
+                        train_state=train_state(optimizer.state_dict(), rng, stopping.target_reached_at))
+        log.saved(step)
+
+    evaluations = Evaluations(eval_interval, stopping, evaluate_and_log, target_reached, save, world_size,
+                              is_main, is_main)
 
     # -- training loop
     train_model = torch.compile(model) if compile else model
@@ -183,13 +209,12 @@ def main():
         train_model = DistributedDataParallel(train_model)
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     if is_main and start_step == 0:
-        evaluate(0, None)  # the untrained model, so curves start at chance
+        evaluate_and_log(0, None)  # the untrained model, so curves start at chance
     pbar = progress_bar(range(start_step, total_steps), "pretrain", disable=not is_main)
     for step in pbar:
         step_started = time.time()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, learning_rate, warmup_steps, schedule, min_lr,
-                                cooldown_from=cooldown_from, cooldown_steps=cooldown_steps)
+            group["lr"] = stopping.lr(step, learning_rate, warmup_steps, schedule, min_lr)
         x = shard(sample_mixture(data, fractions, batch_size, T, rng), rank, world_size).to(dev)
         with autocast:
             loss = ntp_loss(train_model(x), x)
@@ -202,35 +227,17 @@ def main():
         log.train_seconds += time.time() - step_started
         pbar.set_postfix(loss=f"{train_loss:.4f}")
 
-        # -- evaluation and checkpoint: rank 0 evaluates, decides whether to stop, and saves;
-        # every rank then follows its decision
-        if (step + 1) % eval_interval == 0 or step + 1 == run_end(total_steps, cooldown_from, cooldown_steps):
-            finished = False
-            if is_main:
-                record = evaluate(step + 1, train_loss)  # checked for divergence before it is logged
-                val_losses = [record[f"val_loss/{d.short_name}"] for d in data]
-                accuracies = [record[k] for d in data if (k := f"accuracy/{d.short_name}") in record]
-                reached = ((target_val_loss and sum(val_losses) / len(val_losses) <= target_val_loss)
-                           or (target_accuracy and accuracies and min(accuracies) >= target_accuracy))
-                if reached and step + 1 < cooldown_from:
-                    tqdm.write("target reached"
-                               + (f"; {cooldown_steps} steps of cooldown" if cooldown_steps else ""))
-                    cooldown_from = step + 1
-                finished = step + 1 >= run_end(total_steps, cooldown_from, cooldown_steps)
-                save_checkpoint(ckpt_path, model, data={d.name: d.meta for d in data}, config=run_config,
-                                step=step + 1, finished=finished, inputs=inputs, train_state=train_state(
-                                    optimizer.state_dict(), rng, cooldown_from if cooldown_from < total_steps else None))
-                log.saved(step + 1)
-            cooldown_from, finished = from_rank0([cooldown_from, finished], world_size)
-            if finished:
-                break
+        # -- evaluation and checkpoint, every eval_interval steps and at the end: rank 0 evaluates,
+        # decides whether to stop, and saves; every rank then follows its decision
+        if evaluations.after_step(step + 1, train_loss):
+            break
     pbar.close()
 
     # -- summary: the last evaluation, dataset by dataset
     if not is_main:
         return
     log.done()
-    for key, value in record.items():
+    for key, value in evaluations.record.items():
         if key.startswith("accuracy/"):
             print(f"{key.split('/')[1]} validation accuracy (greedy exact match): {value:.4f}")
         elif key.startswith("val_loss/"):

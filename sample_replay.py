@@ -21,15 +21,14 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 
-from checkpoint import load_checkpoint
-from config import UserError, memory_bytes, pick_device, pick_dtype, run, set_seed
-from dataset import known_tokenizers
-from distributed import finish_distributed, from_rank0, rank0_only, setup_distributed
-from files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries, same_path
-from model import skip_draws
-from progress import progress_bar
+from replay import prompt_column, sample_corpus
+from support.checkpoint import load_checkpoint
+from support.config import UserError, memory_bytes, pick_device, pick_dtype, run, set_seed
+from support.dataset import known_tokenizers
+from support.distributed import finish_distributed, rank0_only, setup_distributed
+from support.files import Lock, atomic_torch_save, fingerprint, remove_stale_temporaries, same_path
+from support.progress import progress_bar
 
 init_from = "out/pretrain_add/ckpt.pt"
 out = "out/replay_add.pt"
@@ -82,75 +81,12 @@ def parse_prompts(spec, data_meta, vocab_size, bos=None):
     return [(n, t, s / total) for n, t, s in parsed]
 
 
-def prompt_column(prompts):
-    """The first token of every sequence to sample, from a corpus' prompt list [{"token", "count"}, ...]
-    (finetune.py rebuilds it from a corpus' metadata to sample more of the same)."""
-    return torch.cat([torch.full((p["count"],), p["token"], dtype=torch.long) for p in prompts])
-
-
-def sample_corpus(model, prompt_tokens, length, temperature, top_k, batch_size, seed, device,
-                  partial_path=None, progress=True, partial_source=None, dtype="float32", rank=0, world_size=1):
-    """prompt_tokens: (N,) first token of every sequence -> (N, length) samples, deterministic for a
-    seed, in chunks of batch_size rows from one random stream. Under torchrun every process samples
-    every world_size-th chunk, passing over the other chunks' draws (model.skip_draws), so the
-    corpus is the same in one process or several, and every process gets every chunk sampled (rank
-    0 also those of a continued partial file, so it returns the whole corpus). With partial_path,
-    the chunks done so far are saved after every round (by rank 0), and an existing partial file is
-    continued: a killed run loses at most one round and its result equals an uninterrupted run's.
-    partial_source: the checkpoint file, whose content a continued partial file must come from."""
-    # everything that decides the samples: a resume with other settings would mix two corpora
-    model_sha256 = fingerprint(partial_source)["sha256"] if partial_source else None
-    settings = {"length": length, "temperature": temperature, "top_k": top_k, "batch_size": batch_size,
-                "seed": seed, "model_sha256": model_sha256, "dtype": dtype}
-
-    def load_partial():
-        if not (partial_path and os.path.exists(partial_path)):
-            return []
-        try:
-            partial = torch.load(partial_path, weights_only=True)
-            same = partial.get("settings") == settings and torch.equal(partial["prompts"], prompt_tokens)
-        except Exception:
-            raise UserError(f"{partial_path} is damaged: delete it and sample again") from None
-        if not same:
-            other_model = partial.get("settings", {}).get("model_sha256") != settings["model_sha256"]
-            what = "another model" if other_model else "other settings"
-            raise UserError(f"{partial_path} was sampled with {what}: resume with the same ones, "
-                            f"or drop --resume to start over")
-        print(f"resuming sampling after {len(partial['tokens']):,} sequences")
-        return list(partial["tokens"].split(batch_size))
-    out = rank0_only(rank, world_size, load_partial) or []   # (the others get rank 0's chunks at the end)
-    starts = range(0, len(prompt_tokens), batch_size)
-    done, = from_rank0([len(out)], world_size)
-    generator, passed = torch.Generator(device=device).manual_seed(seed), 0   # chunks whose draws it is past
-    for first in progress_bar(range(done, len(starts), world_size), "sampling", disable=not progress or rank):
-        mine = first + rank   # this process's chunk of the round (none in a short last round)
-        tokens = None
-        if mine < len(starts):
-            for other in starts[passed:mine]:
-                skip_draws(len(prompt_tokens[other:other + batch_size]), length - 1, generator, device, temperature)
-            idx = prompt_tokens[starts[mine]:starts[mine] + batch_size, None].to(device)
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                tokens = model.generate(idx, length - 1, temperature=temperature, top_k=top_k or None,
-                                        generator=generator, compile_step=compile).cpu()
-            passed = mine + 1
-        if world_size > 1:
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, tokens)
-            out.extend(t for t in gathered if t is not None)
-        else:
-            out.append(tokens)
-        if partial_path and rank == 0:
-            atomic_torch_save({"tokens": torch.cat(out), "settings": settings, "prompts": prompt_tokens},
-                              partial_path)
-    return torch.cat(out)
-
-
 def sample_chat_answers(model, ckpt, prompts_path, length, answers, seed, device):
     """The model's own answers to the user messages of prompts_path (one per line), each rendered in
     its chat format (the chat template convert.py kept in its tokenizer.json) and answered `answers`
     times at temperature 1 with no top-k, up to `length` tokens in all. Returns (tokens (N, length),
     mask (N, length): True on each answer's tokens up to and including its end-of-turn token)."""
-    import tokenizer as bpe
+    from support import tokenizer as bpe
     path = ckpt.get("tokenizer", {}).get("tokenizer_path")
     try:
         encoding, _, tok = bpe.released_encoding(path)
@@ -259,7 +195,8 @@ def main():
     t0 = time.time()
     partial_path = out + ".partial"
     tokens = sample_corpus(model, prompt_tokens, T, temperature, top_k, batch_size, seed, dev, partial_path,
-                           partial_source=init_from, dtype=dtype, rank=rank, world_size=world_size)
+                           partial_source=init_from, dtype=dtype, rank=rank, world_size=world_size,
+                           compile_step=compile)
     seconds = time.time() - t0
     if rank:
         finish_distributed()   # rank 0 writes the corpus

@@ -30,10 +30,7 @@ elif [ "$PROFILE" = cpu ]; then
     # until it is learned (tens of steps for reversal and sort, several hundred for an arithmetic
     # task that comes late), then cools down; so the run adapts to any task order. Every task, the
     # first included, cools down once learned, and replay gets as many sequences per step as the new
-    # task (the study's balance): with half as many, add (the most fragile task) ended 1-2 points lower.
-    # A shorter cooldown does not keep it either: with 60 steps, add ended at 0.974 (add first, seed 1).
-    # Batches of 192 (not 256) keep the demo inside 5 minutes: median 280 s of three runs against 318 s,
-    # add 0.991 (seed 1337).
+    # task (the study's balance). How these values were chosen: experiments/LOG.md.
     : ${WIDTH:=128} ${BATCH:=192} ${PRETRAIN_STEPS:=800} ${PRETRAIN_LR:=3e-3} ${PRETRAIN_SCHEDULE:=cosine}
     : ${PRETRAIN_WARMUP:=50} ${PRETRAIN_TARGET:=0.99} ${PRETRAIN_COOLDOWN:=100} ${STEPS:=1500} ${LR:=3e-3} ${WARMUP:=50}
     : ${REPLAY:=kl} ${COEFF:=1} ${REPLAY_BATCH:=$BATCH} ${TARGET_ACCURACY:=0.95} ${COOLDOWN:=100} ${EVAL_INTERVAL:=25}
@@ -106,6 +103,6 @@ done
 # 3. every task after the last one, against the model that knew only the first; then the figure
 last=${ORDER[3]}
 run python evaluate.py --checkpoints=no_replay=$OUT/no_replay/$last/ckpt.pt,replay=$OUT/replay/$last/ckpt.pt \
-    --datasets=$ALL --reference=$OUT/pretrain/ckpt.pt --started_at=$started_at --time_runs=$RUNS \
+    --datasets=$ALL --reference_checkpoint=$OUT/pretrain/ckpt.pt --started_at=$started_at --time_runs=$RUNS \
     --out_json=$RESULTS.json --out_md=$RESULTS.md
 run python plot.py --figure=toy_continual --toy_dir=$OUT --tasks=$(IFS=,; echo "${ORDER[*]}") --out=$RESULTS.png

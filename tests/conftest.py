@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from files import release_locks
 from data.arithmetic import prepare
+from support.files import release_locks
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -64,7 +64,7 @@ def script_in_process(*argv):
 def run_command(line):
     """Run a command line as the README writes it ("python data/text/prepare.py --key=value ..."):
     the script's module in-process, its constants overridden by the --key=value arguments."""
-    from config import apply_overrides
+    from support.config import apply_overrides
     words = line.split()
     assert words[0] == "python" and words[1].endswith(".py"), line
     module = importlib.reload(importlib.import_module(words[1][:-3].replace("/", ".")))

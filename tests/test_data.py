@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import UserError
-from dataset import Dataset, sample_mixture
-from objective import ntp_loss
 from data.arithmetic import prepare
+from objective import ntp_loss
+from support.config import UserError
+from support.dataset import Dataset, sample_mixture
 
 
 def operands(row, meta):

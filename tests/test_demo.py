@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 
-from files import read_jsonl
+from support.files import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def test_the_studys_own_toy_profile_runs_end_to_end_at_a_tiny_size(tmp_path):
     """PROFILE=study (a GPU job at full size) keeps the study's protocol, shrunk only in size and
     steps here: NTP replay x10 at LR 1e-4, as many replay rows as new ones, every task trained for
     the same fixed number of steps (no accuracy target), a fresh corpus per task never reused."""
-    from checkpoint import load_checkpoint_dict
+    from support.checkpoint import load_checkpoint_dict
     tiny = {"PROFILE": "study", "OUT": str(tmp_path / "toy"), "RESULTS": str(tmp_path / "study"), "WIDTH": "32",
             "BATCH": "16", "PRETRAIN_STEPS": "6", "PRETRAIN_WARMUP": "2", "STEPS": "6", "WARMUP": "2",
             "EVAL_INTERVAL": "3"}

@@ -12,8 +12,8 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined (module import)
 
-pytest.importorskip("triton", reason="the kernel tests need triton (requirements-test.txt installs it)")
-from flash_attention import flash_attention  # noqa: E402
+pytest.importorskip("triton", reason="the kernel tests need triton (tests/requirements.txt installs it)")
+from support.flash_attention import flash_attention  # noqa: E402
 
 
 def reference(q, k, v):
@@ -90,7 +90,7 @@ def test_bfloat16_at_real_sizes_on_the_gpu(T):
 def test_unequal_tiles_split_the_diagonal_correctly(monkeypatch, T):
     """The kernels skip the causal mask on blocks wholly below the diagonal; with query and key tiles
     of different sizes (as the GPU's bfloat16 tiles are) the diagonal must still be found exactly."""
-    import flash_attention as module
+    from support import flash_attention as module
     monkeypatch.setattr(module, "_tiles", lambda head_dim, T, dtype: {
         "forward": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)})
     torch.manual_seed(T)

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, run_argv, run_script
+from conftest import REPO, TINY_MODEL, run_argv, run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--{k}={v}" for k, v in TINY_MODEL.items()]
 
 
@@ -120,7 +119,7 @@ def cases(t, w):
                 "--eval_interval=2", "--eval_sequences=8", "--batch_size=8"]
     sample = ["sample_replay.py", f"--init_from={pre}", f"--prompts={t['add']}", "--num_samples=8", "--device=cpu",
               f"--out={w['w']}/new_corpus.pt"]
-    evaluate = ["evaluate.py", f"--checkpoints={pre}", "--reference=", f"--out_json={w['w']}/eval.json"]
+    evaluate = ["evaluate.py", f"--checkpoints={pre}", "--reference_checkpoint=", f"--out_json={w['w']}/eval.json"]
     return [
         # 1. never over another run, never over the run's own inputs
         ("finetune into its init_from's folder", [*finetune, f"--out_dir={w['pre']}"], "holds the input"),
@@ -187,7 +186,7 @@ def cases(t, w):
                                            f"--replay_source={w['w']}/corpus_one_token.pt"], "at least 2"),
         # 7. every checkpoint is checked against the data
         ("evaluate a model of another tokenizer", [*evaluate[:1], f"--checkpoints={w['w']}/other_tokenizer_ckpt.pt",
-                                                    f"--reference={pre}", f"--datasets={t['add']}", evaluate[3]],
+                                                    f"--reference_checkpoint={pre}", f"--datasets={t['add']}", evaluate[3]],
          "tokenized by"),
         # 8. token ids out of range
         ("corpus ids out of range", [*finetune, fresh, "--replay=kl", f"--replay_source={w['w']}/corpus_bad_ids.pt"],
@@ -292,8 +291,8 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_processes(tmp_path):
     """Eight processes at once on a lock left by a killed run, twenty times: one wins each time."""
     import multiprocessing
     import socket
-    from config import UserError
-    from files import Lock
+    from support.config import UserError
+    from support.files import Lock
     context = multiprocessing.get_context("fork")
     for round in range(20):
         path = tmp_path / f"{round}.lock"
@@ -318,7 +317,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_of_many_processes(tmp_path):
 
 
 def test_reports_are_strict_json_with_null_where_a_number_is_not_finite(tmp_path):
-    from files import write_json
+    from support.files import write_json
 
     def refuse(constant):
         raise ValueError(constant)
@@ -361,8 +360,8 @@ def test_a_write_that_finds_no_room_is_named_and_the_earlier_file_stays(world, t
 
 def test_a_full_disk_is_named_as_such(tmp_path):
     import errno
-    from config import UserError
-    from files import atomic_path
+    from support.config import UserError
+    from support.files import atomic_path
     path = tmp_path / "results.json"
     path.write_text("earlier")
     with pytest.raises(UserError, match="the disk is full writing"):
@@ -399,7 +398,7 @@ def test_evaluation_memory_stays_inside_its_budget_however_many_windows(tmp_path
     peaks = {}
     for windows in (4, 256):
         rc, stderr, peaks[windows] = peak_memory(["evaluate.py", f"--checkpoints=a={ckpt},b={ckpt}",
-                                                  f"--reference={ckpt}", f"--datasets={data}", "--device=cpu",
+                                                  f"--reference_checkpoint={ckpt}", f"--datasets={data}", "--device=cpu",
                                                   f"--eval_sequences={windows}", f"--memory_gb={budget}",
                                                   f"--out_json={tmp_path}/eval{windows}.json"])
         assert rc == 0, stderr[-1500:]
@@ -408,7 +407,7 @@ def test_evaluation_memory_stays_inside_its_budget_however_many_windows(tmp_path
 
 
 def test_stale_temporaries_are_removed_only_when_their_writer_is_gone(tmp_path):
-    from files import remove_stale_temporaries
+    from support.files import remove_stale_temporaries
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         out = tmp_path / "replay.pt"

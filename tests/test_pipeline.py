@@ -4,17 +4,19 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import load_checkpoint
-from config import UserError, apply_overrides
-from dataset import Dataset, load_corpus
-from evaluate import evaluate_on
-from files import read_jsonl
-from training import lr_at
 from conftest import TINY_MODEL, run_script
+from evaluate import evaluate_on
+from replay import load_corpus
+from support import checkpoint
+from support.checkpoint import load_checkpoint
+from support.config import UserError, apply_overrides
+from support.dataset import Dataset
+from support.files import read_jsonl
+from support.training import lr_at
 
 
 def weights(path):
@@ -107,6 +109,27 @@ def test_replay_sequences_are_never_reused_unless_asked_and_passes_are_logged(ti
     assert not (tmp_path / "short").exists()
     run_script("finetune", out_dir=str(tmp_path / "plain"), **{**args, "replay": "none"})  # plain runs log 0
     assert read_jsonl(tmp_path / "plain" / "log.jsonl")[-1]["replay_passes"] == 0
+
+
+def test_fresh_replay_is_sampled_as_the_run_asks_compiled_or_not(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
+    """finetune.py --compile=True reaches the replay sampled mid-run too (passed in, no module global)."""
+    import replay
+    corpus = str(tmp_path / "replay.pt")
+    run_script("sample_replay", init_from=tiny_checkpoint, out=corpus, num_samples=8, prompts=toy_data["sort"],
+               device="cpu")
+    model, ckpt = load_checkpoint(tiny_checkpoint)
+    T, asked, real_sample = ckpt["model_config"]["block_size"], [], replay.sample_corpus
+    def sample(*args, **kwargs):   # record what was asked; sample uncompiled (compiling takes seconds)
+        asked.append(kwargs["compile_step"])
+        return real_sample(*args, **{**kwargs, "compile_step": False})
+    monkeypatch.setattr(replay, "sample_corpus", sample)
+    for compile_step in (False, True):
+        stream = replay.ReplayStream(corpus, tiny_checkpoint, ckpt, np.random.default_rng(0), 8, T, 3, False, model,
+                                     compile_step=compile_step)
+        for _ in range(3):   # 24 sequences from a corpus of 8: two top-ups, none seen twice
+            stream.next(8, T)
+        assert stream.chunk == 2 and stream.passes == 1
+    assert asked == [False, False, True, True]
 
 
 def test_the_reference_gets_no_gradient_and_never_changes(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
@@ -234,7 +257,7 @@ def test_evaluate_reports_accuracy_loss_kl_and_forgetting(tiny_checkpoint, toy_d
                eval_kl=True, **{**FT, "eval_sequences": 32})
     out_json = str(tmp_path / "eval.json")
     run_script("evaluate", checkpoints=f"same={tiny_checkpoint},ft={tmp_path / 'ft' / 'ckpt.pt'}",
-               reference=tiny_checkpoint, datasets=f"{toy_data['sort']},{toy_data['add']}", eval_sequences=32,
+               reference_checkpoint=tiny_checkpoint, datasets=f"{toy_data['sort']},{toy_data['add']}", eval_sequences=32,
                out_json=out_json, out_md=str(tmp_path / "eval.md"), device="cpu")
     report = json.load(open(out_json))
     same, ft = report["metrics"]["same"], report["metrics"]["ft"]
@@ -265,7 +288,7 @@ def test_evaluate_splits_an_experiments_time_into_sampling_training_and_evaluati
     run_script("finetune", init_from=tiny_checkpoint, dataset=toy_data["add"], out_dir=str(run_dir), replay="kl",
                replay_source=str(corpus_path), **FT)  # 40 sequences are too few: it samples more mid-run
     out_json = str(tmp_path / "eval.json")
-    run_script("evaluate", checkpoints=f"ft={run_dir / 'ckpt.pt'}", reference=tiny_checkpoint,
+    run_script("evaluate", checkpoints=f"ft={run_dir / 'ckpt.pt'}", reference_checkpoint=tiny_checkpoint,
                datasets=toy_data["add"], eval_sequences=32, out_json=out_json, device="cpu", started_at=started,
                time_runs=f"{run_dir},{corpus_path}")
     report = json.load(open(out_json))
@@ -340,7 +363,7 @@ def test_lora_with_embeddings_also_trains_the_embeddings_in_full(tiny_checkpoint
 def test_the_cooldown_falls_linearly_to_zero_from_where_the_schedule_was():
     cosine = dict(total_steps=100, peak_lr=1.0, warmup_steps=10, schedule="cosine")
     at_40 = lr_at(40, **cosine)
-    cooled = [lr_at(step, **cosine, cooldown_from=40, cooldown_steps=4) for step in range(38, 44)]
+    cooled = [lr_at(step, **cosine, target_reached_at=40, cooldown_steps=4) for step in range(38, 44)]
     assert cooled[:2] == [lr_at(38, **cosine), lr_at(39, **cosine)]  # untouched before it
     assert cooled[2:] == pytest.approx([at_40 * 4 / 5, at_40 * 3 / 5, at_40 * 2 / 5, at_40 * 1 / 5])
 

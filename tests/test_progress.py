@@ -3,7 +3,7 @@ a carriage-return redraw per step."""
 import io
 import sys
 
-import progress
+from support import progress
 
 
 def test_progress_in_a_file_is_a_few_plain_lines(monkeypatch):

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import tokenizer as bpe
-from checkpoint import load_checkpoint
-from conftest import assert_two_processes_match_one, greedy_by_recomputing, run_script, script_in_process
+from conftest import REPO, assert_two_processes_match_one, greedy_by_recomputing, run_script, script_in_process
 from model import GPT, GPTConfig, KVCache
+from support import tokenizer as bpe
+from support.checkpoint import load_checkpoint
 
-gguf = pytest.importorskip("gguf", reason="the converter tests need gguf (requirements-test.txt installs it)")
+gguf = pytest.importorskip("gguf", reason="the converter tests need gguf (tests/requirements.txt installs it)")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- a tiny byte-level BPE: 3 control tokens, the 256 bytes, then 4 merges ---------------------
 
@@ -164,7 +163,7 @@ def tiny_gguf(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     w = random_llama(len(TOKENS), **{k: v for k, v in GGUF_DIMS.items()}, tie=True, qk_norm=False)
     stored = write_gguf(str(root / "tiny.gguf"), w)
-    run_script("convert", source=str(root / "tiny.gguf"), out_dir=str(root / "model"))
+    run_script("experiments.convert", source=str(root / "tiny.gguf"), out_dir=str(root / "model"))
     return root, stored
 
 
@@ -266,7 +265,7 @@ def test_converted_hf_folder_matches_a_float64_forward(arch, tmp_path):
                   num_key_value_heads=dims["n_kv"], intermediate_size=dims["mlp_width"], rms_norm_eps=1e-6,
                   bos_token_id=1, eos_token_id=2)
     write_hf_folder(str(tmp_path / "hf"), w, config, pre, normalizer)
-    run_script("convert", source=str(tmp_path / "hf"), out_dir=str(tmp_path / "model"))
+    run_script("experiments.convert", source=str(tmp_path / "hf"), out_dir=str(tmp_path / "model"))
     ids = [1] + list(range(40, 80))   # 41 positions: past the 16 of the original context, where scaling acts
     reference = reference_logits(w, ids, dims["n_heads"], dims["n_kv"], dims["head_dim"], 1e-6, theta, scaling)
     assert (ours_logits(str(tmp_path / "model" / "ckpt.pt"), ids) - reference).abs().max().item() < 1e-5
@@ -363,7 +362,7 @@ def test_replay_finetune_and_evaluate_run_on_a_converted_model(tiny_gguf, tiny_t
     finetuned = torch.load(tmp_path / "kl" / "ckpt.pt", weights_only=True)
     assert finetuned["tokenizer"] == torch.load(ckpt, weights_only=True)["tokenizer"]   # still knows its tokenizer
     run_script("evaluate", checkpoints=f"kl={tmp_path / 'kl' / 'ckpt.pt'},lora={tmp_path / 'lora' / 'ckpt.pt'}",
-               reference=ckpt, datasets=f"{tiny_text / 'en'},corpus:{corpus}", block_size=16, eval_sequences=4,
+               reference_checkpoint=ckpt, datasets=f"{tiny_text / 'en'},corpus:{corpus}", block_size=16, eval_sequences=4,
                out_json=str(tmp_path / "eval.json"), device="cpu")
     metrics = json.load(open(tmp_path / "eval.json"))["metrics"]
     assert metrics["kl"]["replay"]["kl_to_reference"] > 0 and "en" in metrics["lora"]
@@ -425,23 +424,23 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
                                                                        "tokenizer": toy_tokenizer}}, toy_corpus)
     converted = root / "model" / "ckpt.pt"
     cases = [
-        (["convert.py", f"--source={tmp_path / 'gemma.gguf'}"], "architecture 'gemma3' is not supported"),
-        (["convert.py", f"--source={tmp_path / 'q2k.gguf'}"], "Q2_K, which is not supported"),
-        (["convert.py", f"--source={tmp_path / 'truncated.gguf'}"], "not a readable GGUF file"),
-        (["convert.py", f"--source={tmp_path / 'unknown_pre.gguf'}"], "pre-tokenizer 'some-new-model'"),
-        (["convert.py", f"--source={tmp_path / 'huge_context.gguf'}"], "declares a context of 4,294,967,295"),
-        (["convert.py", f"--source={tmp_path / 'odd_tensor.gguf'}"], "do not describe a Llama-family model"),
-        (["convert.py", f"--source={tmp_path / 'hf_more_layers'}"], "do not describe a Llama-family model"),
-        (["convert.py", f"--source={tmp_path / 'hf_not_json'}"], "do not describe a Llama-family model"),
-        (["convert.py", f"--source={tmp_path / 'no_kv_heads.gguf'}"], "do not describe a Llama-family model"),
-        (["convert.py", f"--source={tmp_path / 'odd_kv_heads.gguf'}"], "do not describe a Llama-family model"),
-        (["convert.py", f"--source={tmp_path / 'more_blocks.gguf'}"], "do not describe a Llama-family model"),
-        (["convert.py", f"--source={tmp_path / 'hf_huge_shape'}"], "do not describe a Llama-family model"),
-        (["convert.py", f"--source={tmp_path / 'missing.gguf'}"], "not found"),
-        (["convert.py", f"--source={tmp_path}"], "lacks config.json"),
-        (["convert.py", f"--source={tmp_path / 'hf'}"], "is truncated"),
+        (["experiments/convert.py", f"--source={tmp_path / 'gemma.gguf'}"], "architecture 'gemma3' is not supported"),
+        (["experiments/convert.py", f"--source={tmp_path / 'q2k.gguf'}"], "Q2_K, which is not supported"),
+        (["experiments/convert.py", f"--source={tmp_path / 'truncated.gguf'}"], "not a readable GGUF file"),
+        (["experiments/convert.py", f"--source={tmp_path / 'unknown_pre.gguf'}"], "pre-tokenizer 'some-new-model'"),
+        (["experiments/convert.py", f"--source={tmp_path / 'huge_context.gguf'}"], "declares a context of 4,294,967,295"),
+        (["experiments/convert.py", f"--source={tmp_path / 'odd_tensor.gguf'}"], "do not describe a Llama-family model"),
+        (["experiments/convert.py", f"--source={tmp_path / 'hf_more_layers'}"], "do not describe a Llama-family model"),
+        (["experiments/convert.py", f"--source={tmp_path / 'hf_not_json'}"], "do not describe a Llama-family model"),
+        (["experiments/convert.py", f"--source={tmp_path / 'no_kv_heads.gguf'}"], "do not describe a Llama-family model"),
+        (["experiments/convert.py", f"--source={tmp_path / 'odd_kv_heads.gguf'}"], "do not describe a Llama-family model"),
+        (["experiments/convert.py", f"--source={tmp_path / 'more_blocks.gguf'}"], "do not describe a Llama-family model"),
+        (["experiments/convert.py", f"--source={tmp_path / 'hf_huge_shape'}"], "do not describe a Llama-family model"),
+        (["experiments/convert.py", f"--source={tmp_path / 'missing.gguf'}"], "not found"),
+        (["experiments/convert.py", f"--source={tmp_path}"], "lacks config.json"),
+        (["experiments/convert.py", f"--source={tmp_path / 'hf'}"], "is truncated"),
         (["finetune.py", f"--init_from={converted}", f"--dataset={toy_data['add']}", "--device=cpu"], "tokenized by"),
-        (["evaluate.py", f"--checkpoints=a={converted}", f"--reference={converted}", f"--datasets={toy_data['add']}",
+        (["evaluate.py", f"--checkpoints=a={converted}", f"--reference_checkpoint={converted}", f"--datasets={toy_data['add']}",
           "--device=cpu"], "tokenized by"),
         (["finetune.py", f"--init_from={converted}", f"--dataset={tiny_text / 'es'}", "--replay=kl",
           f"--replay_source={toy_corpus}", "--block_size=16", "--device=cpu"], "tokenized by"),
@@ -457,7 +456,7 @@ def test_bad_released_inputs_stop_with_one_line_and_write_nothing(tiny_gguf, tin
 
 
 def test_download_offline_fails_with_one_clear_line(tmp_path):
-    result = script("download_hf.py", "--base_url=http://127.0.0.1:9", f"--out_dir={tmp_path / 'hf'}")
+    result = script("experiments/download_hf.py", "--base_url=http://127.0.0.1:9", f"--out_dir={tmp_path / 'hf'}")
     assert result.returncode == 2 and "needs internet" in result.stderr.strip().splitlines()[-1]
     assert not [f for f in os.listdir(tmp_path / "hf")]   # nothing half-written
 
@@ -474,23 +473,23 @@ def test_convert_never_writes_over_a_checkpoint_or_into_its_source_and_replaces_
                            (root, "is the folder of the model converted"),
                            ("/proc/nanoreplay/model", "not a writable folder"),   # refused before converting
                            (tmp_path / "source_link", "is the folder of the model converted")):
-        result = script("convert.py", f"--source={gguf_file}", f"--out_dir={out_dir}")
+        result = script("experiments/convert.py", f"--source={gguf_file}", f"--out_dir={out_dir}")
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr[-1500:]
     assert {p: p.read_bytes() for p in sorted((tmp_path / "model").iterdir())} == before
     assert sorted(os.listdir(root)) == ["model", "tiny.gguf"]
-    replaced = script("convert.py", f"--source={gguf_file}", f"--out_dir={tmp_path / 'model'}", "--overwrite=True")
+    replaced = script("experiments/convert.py", f"--source={gguf_file}", f"--out_dir={tmp_path / 'model'}", "--overwrite=True")
     assert replaced.returncode == 0, replaced.stderr[-1500:]
     assert sorted(os.listdir(tmp_path / "model")) == ["ckpt.pt", "tokenizer.json"]   # the old run's log went too
     # killed between its two renames: the new weights beside the old tokenizer. No script uses the pair
     old_tokenizer = (tmp_path / "model" / "tokenizer.json").read_bytes()
     shutil.copy(gguf_file, tmp_path / "other.gguf")   # another model's tokenizer (its name differs)
-    assert script("convert.py", f"--source={tmp_path / 'other.gguf'}", f"--out_dir={tmp_path / 'model'}",
+    assert script("experiments/convert.py", f"--source={tmp_path / 'other.gguf'}", f"--out_dir={tmp_path / 'model'}",
                   "--overwrite=True").returncode == 0
     (tmp_path / "model" / "tokenizer.json").write_bytes(old_tokenizer)
     for argv in (["sample_replay.py", "--num_samples=2", "--device=cpu", f"--out={tmp_path / 'corpus.pt'}"],
-                 ["export.py", f"--out_dir={tmp_path / 'export'}"]):
-        setting = "--checkpoint" if argv[0] == "export.py" else "--init_from"
+                 ["experiments/export.py", f"--out_dir={tmp_path / 'export'}"]):
+        setting = "--checkpoint" if argv[0] == "experiments/export.py" else "--init_from"
         result = script(*argv, f"{setting}={tmp_path / 'model' / 'ckpt.pt'}")
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and "run convert.py again" in lines[0], result.stderr[-1500:]

@@ -11,9 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import assert_two_processes_match_one, run_script, script_in_process
+from conftest import REPO, assert_two_processes_match_one, run_script, script_in_process
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def script(*argv, **kwargs):
@@ -67,7 +66,7 @@ def test_pretrain_killed_and_resumed_ends_with_the_same_weights(toy_data, tmp_pa
     assert killed_at < last
     ckpt = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)
     assert not ckpt["finished"] and ckpt["step"] < last   # the kill really was mid-run
-    assert ckpt["train_state"]["cooldown_from"] == (20 if stop else None)
+    assert ckpt["train_state"]["target_reached_at"] == (20 if stop else None)
     result = script(*args, f"--out_dir={tmp_path / 'killed'}", "--resume=True")
     assert result.returncode == 0, result.stderr
     a, b = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "killed" / "ckpt.pt")
@@ -169,7 +168,7 @@ def test_bad_inputs_stop_with_one_line_and_write_nothing(tiny_checkpoint, toy_da
         (["sample_replay.py", f"--init_from={tiny_checkpoint}", "--prompts=english"], "neither a token id"),
         (["sample_replay.py", f"--init_from={tiny_checkpoint}", f"--prompts={toy_data['sort']}", "--length=99"],
          "--length"),
-        (["evaluate.py", f"--checkpoints=a={tiny_checkpoint}", f"--reference={tiny_checkpoint}",
+        (["evaluate.py", f"--checkpoints=a={tiny_checkpoint}", f"--reference_checkpoint={tiny_checkpoint}",
           f"--datasets={other_tok}"], "tokenized by"),
     ]
     for argv, message in cases:
@@ -212,7 +211,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused(tiny_checkpoint, tm
     evil = torch.load(tiny_checkpoint, weights_only=True)
     evil["config"] = RunsCode(str(marker))
     torch.save(evil, tmp_path / "evil.pt")
-    result = script("evaluate.py", f"--checkpoints=evil={tmp_path / 'evil.pt'}", "--reference=", "--datasets=x",
+    result = script("evaluate.py", f"--checkpoints=evil={tmp_path / 'evil.pt'}", "--reference_checkpoint=", "--datasets=x",
                     f"--out_json={tmp_path / 'e.json'}")
     assert result.returncode == 2 and "could not be loaded safely" in result.stderr
     assert not marker.exists()
@@ -283,7 +282,7 @@ def test_sampling_under_torchrun_is_the_corpus_one_process_samples(tiny_checkpoi
     other chunk and passing over the other's draws (7 chunks here, the last one short), write the
     very corpus one process writes. finetune.py's fresh replay, drawn mid-run when its corpus runs out,
     is shared the same way, and two processes still follow one."""
-    from dataset import load_corpus
+    from replay import load_corpus
     argv = ["sample_replay.py", f"--init_from={tiny_checkpoint}", f"--prompts={toy_data['sort']}", "--num_samples=100",
             "--batch_size=16", "--device=cpu"]
     one = subprocess.run([sys.executable, *argv, f"--out={tmp_path}/one.pt"], cwd=REPO, capture_output=True, text=True)
@@ -306,7 +305,7 @@ def test_sampling_under_torchrun_is_the_corpus_one_process_samples(tiny_checkpoi
 
 
 def test_interrupted_sampling_resumes_to_the_same_corpus(tiny_checkpoint, toy_data, tmp_path, monkeypatch):
-    from dataset import load_corpus
+    from replay import load_corpus
     from model import GPT
     args = dict(init_from=tiny_checkpoint, prompts=f"{toy_data['sort']},{toy_data['reversal']}", num_samples=64,
                 batch_size=16, device="cpu")

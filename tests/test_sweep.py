@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-import sweep
-import tokenizer as bpe
+from conftest import REPO
+from experiments import sweep
+from support import tokenizer as bpe
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_compute_study_end_to_end_then_nothing_left_to_run(two_languages, tmp_pa
             "--eval_sequences=8", "--compute_target_steps=5", "--compute_cap_steps=20", "--seeds=1",
             "--low_lrs=1e-4", "--replay_fractions=0.5", "--replace_fractions=0.5",
             "--study=compute"]
-    first = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    first = subprocess.run([sys.executable, "experiments/sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     launched = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
     assert len(launched) == 7   # pretrain, reference, replay corpus, two learning rates, two replay runs
@@ -50,7 +50,7 @@ def test_compute_study_end_to_end_then_nothing_left_to_run(two_languages, tmp_pa
     assert result["runs"] == {"total": 7, "timed": 7} and result["seconds"] > 0
     assert os.path.getsize(tmp_path / "sweep_compute.png") > 10_000
 
-    again = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "experiments/sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("+ ")]
     assert json.load(open(tmp_path / "sweep_compute.json"))["seeds"] == result["seeds"]
@@ -80,7 +80,7 @@ def test_methods_study_runs_every_method_at_every_seed_and_judges_the_orderings(
             "--methods_tpp=2.0", "--eval_sequences=8", "--methods_target_steps=5",
             "--seeds=1,2", "--methods=standard,lora,kl_self", "--methods_lr=1e-3", "--corpus_steps=1",
             "--study=methods"]
-    first = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    first = subprocess.run([sys.executable, "experiments/sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     launched = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
     # pretrain, the target run, a replay corpus per seed, 3 methods x 2 seeds
@@ -98,7 +98,7 @@ def test_methods_study_runs_every_method_at_every_seed_and_judges_the_orderings(
     assert [v["a"] + " vs " + v["b"] for v in result["verdicts"]] == ["kl_self vs standard", "kl_self vs lora",
                                                                       "lora vs standard"]
     assert os.path.getsize(tmp_path / "sweep_methods.png") > 10_000
-    again = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "experiments/sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0 and not [line for line in again.stdout.splitlines() if line.startswith("+ ")]
 
 
@@ -127,7 +127,7 @@ def test_lr_study_pretrains_every_lr_to_one_english_loss_then_sweeps_the_finetun
             "--depth=1", "--head_dim=8", "--base_width=16", "--block_size=32", "--batch_size=8", "--lr_tpp=20",
             "--eval_sequences=8", "--target_steps=5", "--seeds=1", "--pretrain_lrs=3e-3,1e-2",
             "--lr_target_loss=4.5", "--finetune_lrs=1e-3,3e-3", "--study=lr"]
-    done = subprocess.run([sys.executable, "sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "experiments/sweep.py", *tiny], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     launched = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
     assert len(launched) == 2 + 1 + 4                  # two pretrainings, the target run, 2 x 2 finetunings

@@ -12,12 +12,12 @@ import zlib
 import numpy as np
 import pytest
 
-import tokenizer as bpe
-from dataset import Dataset
+from conftest import REPO
 from data.bible import prepare as bible
 from data.c4 import prepare as c4
+from support import tokenizer as bpe
+from support.dataset import Dataset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_ztext(module_dir, testament, entries):
@@ -159,7 +159,7 @@ def test_bible_prepare_on_text_with_a_60k_character_word_trains_in_bounded_piece
     for module in ("engWEBtest", "spaRV1909test"):
         write_ztext(str(root / "modules" / "texts" / "ztext" / module), "nt", ['<chapter osisID="Matt.1" sID="Matt.1"/>Amen.'])
     result = subprocess.run([sys.executable, "data/bible/prepare.py", f"--modules_dir={root}", "--vocab_size=400",
-                             f"--out={tmp_path / 'bible'}"], cwd=REPO, capture_output=True, text=True)
+                             f"--out_dir={tmp_path / 'bible'}"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-1500:]
     merges = json.load(open(tmp_path / "bible" / "tokenizer.json"))["merges"]
     assert len(merges) > 40 and max(len(base64.b64decode(m)) for m in merges) == bpe.MAX_CHUNK == 256

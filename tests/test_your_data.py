@@ -11,14 +11,13 @@ import pytest
 import torch
 import transformers
 
-import tokenizer as bpe
-from conftest import run_command, run_script, script_in_process
-from dataset import Dataset
+from conftest import REPO, run_command, run_script, script_in_process
 from objective import Objective, ntp_loss
+from support import tokenizer as bpe
+from support.dataset import Dataset
 from test_capabilities import SMOLLM2_TEMPLATE, chat_model, mmlu_lines, one_line_exit_2, script  # noqa: F401
 from test_released import MERGES, TOKENS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Llama 3 Instruct's chat template (its tokenizer_config.json): the header format read here
 LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
                    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
@@ -48,7 +47,7 @@ def tokenizer_file(folder, kind):
 
 @pytest.mark.parametrize("kind", ["chatml", "llama3"])
 def test_chat_formats_render_as_transformers_apply_chat_template_and_mark_the_answers(kind, tmp_path):
-    from export import write_hf_tokenizer
+    from experiments.export import write_hf_tokenizer
     encoding, _, tok = bpe.released_encoding(tokenizer_file(str(tmp_path), kind))
     write_hf_tokenizer(str(tmp_path / "hf"), tok, 64)
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -86,7 +85,7 @@ def test_text_prepare_splits_by_document_drops_duplicates_and_ends_each_with_eos
     (tmp_path / "src" / "copy.txt").write_text("  " + docs[0].replace(" ", "\n") + "\n")  # same up to whitespace
     (tmp_path / "src" / "more" / "rest.jsonl").write_text("".join(json.dumps({"body": d}) + "\n\n" for d in docs[6:]))
     out = tmp_path / "prepared"
-    run_script("data.text.prepare", source=str(tmp_path / "src"), out=str(out), field="body", val_fraction=0.25,
+    run_script("data.text.prepare", source=str(tmp_path / "src"), out_dir=str(out), field="body", val_fraction=0.25,
                tokenizer=str(chat_model / "tokenizer.json"))
     meta = json.load(open(out / "meta.json"))
     assert meta["duplicates_dropped"] == 1 and meta["format"] == "text" and not meta["loss_mask"]
@@ -102,7 +101,7 @@ def test_text_prepare_splits_by_document_drops_duplicates_and_ends_each_with_eos
     assert [meta["documents"][s]["duplicates_dropped"] for s in ("train", "val")] == \
         [int(first_side == "train"), int(first_side == "val")]
     glob_out = tmp_path / "glob"
-    run_script("data.text.prepare", source=str(tmp_path / "src" / "*.txt"), out=str(glob_out),
+    run_script("data.text.prepare", source=str(tmp_path / "src" / "*.txt"), out_dir=str(glob_out),
                tokenizer=str(chat_model / "tokenizer.json"))
     assert json.load(open(glob_out / "meta.json"))["duplicates_dropped"] == 1
 
@@ -111,7 +110,7 @@ def test_chat_prepare_stores_a_mask_of_the_answers(chat_model, tmp_path):
     lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i} ab?"},
                                       {"role": "assistant", "content": f"cd {i}"}]}) for i in range(10)]
     (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
-    run_script("data.text.prepare", source=str(tmp_path / "chats.jsonl"), out=str(tmp_path / "chat"),
+    run_script("data.text.prepare", source=str(tmp_path / "chats.jsonl"), out_dir=str(tmp_path / "chat"),
                tokenizer=str(chat_model / "tokenizer.json"))
     data = Dataset(str(tmp_path / "chat"))
     encoding = bpe.load(str(chat_model / "tokenizer.json"))
@@ -173,24 +172,24 @@ def recipe(chat_model, tmp_path_factory):
     (root / "mmlu.jsonl").write_text(mmlu_lines(4))
     model = root / "model"
     tiny = {  # per script: the test's paths and sizes, after the README's own arguments
-        "convert.py": f"--source={chat_model.parent / 'tiny.gguf'} --out_dir={model}",
+        "experiments/convert.py": f"--source={chat_model.parent / 'tiny.gguf'} --out_dir={model}",
         "data/text/prepare.py": f"--source={root / 'my_chats.jsonl'} --tokenizer={model / 'tokenizer.json'} "
-                                f"--out={root / 'mine'}",
-        "data/mmlu/prepare.py": f"--tokenizer={model / 'tokenizer.json'} --out={root / 'mmlu'} "
+                                f"--out_dir={root / 'mine'}",
+        "data/mmlu/prepare.py": f"--tokenizer={model / 'tokenizer.json'} --out_dir={root / 'mmlu'} "
                                 f"--source={root / 'mmlu.jsonl'} --subjects=anatomy,marketing --selection_items=1",
         "sample_replay.py": f"--init_from={model / 'ckpt.pt'} --num_samples=8 --batch_size=8 --length=32 --device=cpu",
         "finetune.py": f"--init_from={model / 'ckpt.pt'} --dataset={root / 'mine'} --block_size=32 --batch_size=4 "
                        f"--replay_batch_size=4 --max_steps=6 --eval_interval=3 --eval_sequences=8 --warmup_steps=1 "
                        f"--device=cpu --out_dir={root / 'finetuned'}",
-        "evaluate.py": f"--checkpoints=mine={root / 'finetuned' / 'ckpt.pt'} --reference={model / 'ckpt.pt'} "
+        "evaluate.py": f"--checkpoints=mine={root / 'finetuned' / 'ckpt.pt'} --reference_checkpoint={model / 'ckpt.pt'} "
                        f"--block_size=32 --eval_sequences=8 --device=cpu --out_json={root / 'eval.json'} "
                        f"--out_md={root / 'eval.md'}",
-        "export.py": f"--checkpoint={root / 'finetuned' / 'ckpt.pt'} --out_dir={root / 'export'}",
+        "experiments/export.py": f"--checkpoint={root / 'finetuned' / 'ckpt.pt'} --out_dir={root / 'export'}",
     }
     commands = readme_recipe()
-    assert [c.split()[1] for c in commands] == ["convert.py", "data/text/prepare.py", "data/mmlu/prepare.py",
+    assert [c.split()[1] for c in commands] == ["experiments/convert.py", "data/text/prepare.py", "data/mmlu/prepare.py",
                                                  "sample_replay.py", "sample_replay.py", "finetune.py",
-                                                 "evaluate.py", "export.py"]
+                                                 "evaluate.py", "experiments/export.py"]
     corpora = iter([root / "replay.pt", root / "replay_heldout.pt"])
     for command in commands:
         name = command.split()[1]
@@ -219,7 +218,7 @@ def test_the_readme_recipe_runs_start_to_end_and_keeps_what_it_promises(recipe):
 # --- back out: export.py ----------------------------------------------------------------------------
 
 def our_logits(ckpt_path, ids):
-    from checkpoint import load_checkpoint
+    from support.checkpoint import load_checkpoint
     model, _ = load_checkpoint(str(ckpt_path))
     with torch.no_grad():
         return model.eval()(torch.tensor([ids]))[0]
@@ -244,7 +243,7 @@ def test_export_loads_in_transformers_with_our_logits_and_converts_back_bit_for_
     for kind in ("f32", "f16"):
         gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
             str(recipe / "export"), gguf_file=f"model-{kind}.gguf", dtype=torch.float32).eval()
-        run_script("convert", source=str(recipe / "export" / f"model-{kind}.gguf"), out_dir=str(tmp_path / kind))
+        run_script("experiments.convert", source=str(recipe / "export" / f"model-{kind}.gguf"), out_dir=str(tmp_path / kind))
         back = torch.load(tmp_path / kind / "ckpt.pt", weights_only=True)["model"]
         rounded = {k: v.half().float() if v.ndim > 1 and kind == "f16" else v for k, v in weights.items()}
         assert set(back) == set(rounded) and all(torch.equal(back[k], rounded[k]) for k in back), kind
@@ -254,15 +253,15 @@ def test_export_loads_in_transformers_with_our_logits_and_converts_back_bit_for_
         tokenizer = json.load(open(tmp_path / kind / "tokenizer.json"))   # the same, but for its name (the file's)
         source = json.load(open(torch.load(finetuned, weights_only=True)["tokenizer"]["tokenizer_path"]))
         assert {**tokenizer, "name": ""} == {**source, "name": ""}
-    run_script("convert", source=str(hf_dir), out_dir=str(tmp_path / "hf"))
+    run_script("experiments.convert", source=str(hf_dir), out_dir=str(tmp_path / "hf"))
     back = torch.load(tmp_path / "hf" / "ckpt.pt", weights_only=True)["model"]
     assert set(back) == set(weights) and all(torch.equal(back[k], weights[k]) for k in back)
 
 
 def test_our_safetensors_writer_and_reader_agree_with_the_safetensors_package(tmp_path):
     from safetensors.torch import load_file, save_file
-    from convert import read_safetensors
-    from export import write_safetensors
+    from experiments.convert import read_safetensors
+    from experiments.export import write_safetensors
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).half(), "c": torch.randn(2, 2).bfloat16()}
     write_safetensors(str(tmp_path / "ours.safetensors"), tensors)
     theirs = load_file(str(tmp_path / "ours.safetensors"))
@@ -304,23 +303,23 @@ def test_bad_data_and_export_input_stop_with_one_line_and_write_nothing(chat_mod
           f"--tokenizer={tmp_path / 'broken_tokenizer.json'}"], "is not JSON"),
         (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}",
           f"--tokenizer={tmp_path / 'no_bos_tokenizer.json'}"], "with its bos, eos and pattern"),
-        (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", tok, f"--out={recipe / 'mine'}"],
+        (["data/text/prepare.py", f"--source={tmp_path / 'ok.jsonl'}", tok, f"--out_dir={recipe / 'mine'}"],
          "already holds a dataset"),
     ]
     prepared = {p: p.read_bytes() for p in sorted((recipe / "mine").iterdir())}
     for argv, message in cases:
-        result = script_in_process(*argv, *([] if any(a.startswith("--out=") for a in argv) else [f"--out={out}"]))
+        result = script_in_process(*argv, *([] if any(a.startswith("--out_dir=") for a in argv) else [f"--out_dir={out}"]))
         one_line_exit_2(result, message)
         assert not out.exists(), argv
     assert {p: p.read_bytes() for p in sorted((recipe / "mine").iterdir())} == prepared
     existing = recipe / "export"
     before = {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(existing) for f in fs}
-    one_line_exit_2(script("export.py", f"--checkpoint={recipe / 'finetuned' / 'ckpt.pt'}", f"--out_dir={existing}"),
+    one_line_exit_2(script("experiments/export.py", f"--checkpoint={recipe / 'finetuned' / 'ckpt.pt'}", f"--out_dir={existing}"),
                     "already exists")
     assert before == {f: os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(existing) for f in fs}
     toy = tmp_path / "toy.pt"
     from model import GPT, GPTConfig
     torch.save({"model": GPT(GPTConfig(vocab_size=16, block_size=8, width=16, depth=1, head_dim=8)).state_dict(),
                 "model_config": GPTConfig(vocab_size=16, block_size=8, width=16, depth=1, head_dim=8).to_dict()}, toy)
-    one_line_exit_2(script("export.py", f"--checkpoint={toy}", f"--out_dir={out}"), "the paper's GPT")
+    one_line_exit_2(script("experiments/export.py", f"--checkpoint={toy}", f"--out_dir={out}"), "the paper's GPT")
     assert not out.exists()

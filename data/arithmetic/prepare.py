@@ -28,8 +28,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from config import fail
-from files import atomic_path, atomic_write_text
+from support.config import fail
+from support.files import atomic_path, atomic_write_text
 
 TASKS = ["add", "reversal", "sort", "modadd"]
 SPECIALS = ["pad"] + [f"bos_{t}" for t in TASKS] + ["sep", "eq", "null", "eos"]

@@ -3,9 +3,9 @@ Held-out English that no training set translates: Jane Austen's six novels, whic
 inside an R data package, read by our own reader of R's serialization format (no R needed).
 
     apt-get install -y --no-install-recommends r-cran-janeaustenr
-    python data/austen/prepare.py --tokenizer=out/smollm2/tokenizer.json --out=austen_smollm2
+    python data/austen/prepare.py --tokenizer=out/smollm2/tokenizer.json --out_dir=austen_smollm2
 
-Writes data/<out>/austen/{train,val}.bin + meta.json in the stream layout. Nothing is trained on
+Writes data/<out_dir>/austen/{train,val}.bin + meta.json in the stream layout. Nothing is trained on
 it: it measures forgetting of English prose (the capabilities experiment). val is Persuasion,
 train the other five novels (kept for a longer measurement).
 
@@ -21,11 +21,11 @@ import sys
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import tokenizer as bpe
-from config import UserError, run
+from support import tokenizer as bpe
+from support.config import UserError, run
 
 tokenizer = "out/smollm2/tokenizer.json"   # a released model's tokenizer (convert.py writes it)
-out = "austen_smollm2"                     # writes data/<out>/austen/
+out_dir = "austen_smollm2"                 # writes data/<out_dir>/austen/
 data_dir = "/usr/lib/R/site-library/janeaustenr/data"
 
 NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
@@ -124,8 +124,8 @@ def main():
     for name, text in novels.items():
         ids["val" if name == VAL else "train"] += encoding.encode_ordinary(normalize(text)) + [tok["eos"]]
         print(f"  {name}: {len(text) / 1e6:.2f} MB")
-    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), out, "austen")
-    bpe.write_stream_dataset(out_dir, ids, encoding, os.path.abspath(tokenizer),
+    dataset_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), out_dir, "austen")
+    bpe.write_stream_dataset(dataset_dir, ids, encoding, os.path.abspath(tokenizer),
                              {"source": "r-cran-janeaustenr", "language": "en", "dataset_token": tok["bos"],
                               "val_novel": VAL})
 

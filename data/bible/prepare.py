@@ -4,13 +4,13 @@ from the Debian SWORD packages by our own reader of the zText format, restricted
 translations share (the 66 of the Protestant canon), tokenized with a BPE trained on both.
 
     apt-get install -y --no-install-recommends sword-text-web sword-text-sparv
-    python data/bible/prepare.py [--modules_dir=/usr/share/sword] [--vocab_size=4096] [--out=bible]
-    python data/bible/prepare.py --tokenizer=out/smollm2/tokenizer.json --out=bible_smollm2
+    python data/bible/prepare.py [--modules_dir=/usr/share/sword] [--vocab_size=4096] [--out_dir=bible]
+    python data/bible/prepare.py --tokenizer=out/smollm2/tokenizer.json --out_dir=bible_smollm2
 
-Writes data/<out>/tokenizer.json and data/<out>/{en,es}/{train,val}.bin + meta.json in the stream
-layout (dataset token English 0, Spanish 1), so the datasets are named <out>/en and <out>/es. Every
+Writes data/<out_dir>/tokenizer.json and data/<out_dir>/{en,es}/{train,val}.bin + meta.json in the stream
+layout (dataset token English 0, Spanish 1), so the datasets are named <out_dir>/en and <out_dir>/es. Every
 20th chapter goes to val. The capacity sweeps use a second copy with a 512-token vocabulary
-(--vocab_size=512 --out=bible512): with tiny widths the embedding would otherwise hold most of the
+(--vocab_size=512 --out_dir=bible512): with tiny widths the embedding would otherwise hold most of the
 parameters. With --tokenizer=, the text is tokenized by a released model's tokenizer (convert.py)
 instead, and every window starts with that model's BOS token (its replay prompt).
 
@@ -30,8 +30,8 @@ import sys
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import tokenizer as bpe
-from config import fail
+from support import tokenizer as bpe
+from support.config import fail
 
 LANGUAGES = {"en": "engWEB", "es": "spaRV1909"}  # SWORD module name prefixes
 APT_HINT = "apt-get install -y --no-install-recommends sword-text-web sword-text-sparv"
@@ -129,18 +129,18 @@ def prepare(modules_dir, out_root, vocab_size=4096, tokenizer_path=""):
 
 
 def main(argv):
-    settings = {"modules_dir": "/usr/share/sword", "vocab_size": "4096", "out": "bible", "tokenizer": ""}
+    settings = {"modules_dir": "/usr/share/sword", "vocab_size": "4096", "out_dir": "bible", "tokenizer": ""}
     for arg in argv:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in settings:
             fail(f"unknown option {arg!r}: use --modules_dir=PATH --vocab_size=N "
-                     "--out=NAME --tokenizer=PATH")
+                     "--out_dir=NAME --tokenizer=PATH")
         settings[key] = value
     try:
         data_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if settings["tokenizer"] and not os.path.exists(settings["tokenizer"]):
             raise FileNotFoundError(f"--tokenizer={settings['tokenizer']} not found: run convert.py first")
-        prepare(settings["modules_dir"], os.path.join(data_dir, settings["out"]), int(settings["vocab_size"]),
+        prepare(settings["modules_dir"], os.path.join(data_dir, settings["out_dir"]), int(settings["vocab_size"]),
                 settings["tokenizer"])
     except FileNotFoundError as e:
         fail(f"{e}")

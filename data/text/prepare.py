@@ -1,8 +1,8 @@
 """
 Your own data -> a dataset for a converted model (convert.py): plain text, or conversations.
 
-    python data/text/prepare.py --source="notes/*.txt" --tokenizer=out/smollm2/tokenizer.json --out=notes
-    python data/text/prepare.py --source=chats.jsonl --tokenizer=out/smollm2/tokenizer.json --out=chats
+    python data/text/prepare.py --source="notes/*.txt" --tokenizer=out/smollm2/tokenizer.json --out_dir=notes
+    python data/text/prepare.py --source=chats.jsonl --tokenizer=out/smollm2/tokenizer.json --out_dir=chats
 
 source is a file, a folder (its files, recursively) or a glob. A .jsonl file holds one record per
 line: a document under `field` ({"text": "..."}), or a conversation under `messages_field`
@@ -17,8 +17,8 @@ with the model's own chat template (ChatML or Llama 3, tokenizer.py's render_cha
 loss mask marking the assistant's answers, which finetune.py --answers_only=True trains on alone.
 As for all released-model data, every training window starts with the BOS token.
 
-Writes data/<out>/{train,val}.bin (+ {train,val}.mask.bin for conversations) and meta.json;
---out may also be a path.
+Writes data/<out_dir>/{train,val}.bin (+ {train,val}.mask.bin for conversations) and meta.json;
+--out_dir may also be a path.
 """
 import glob
 import hashlib
@@ -29,19 +29,19 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import tokenizer as bpe
-from config import UserError, run
-from dataset import DATA_DIR
-from files import check_writable, refuse_inputs
+from support import tokenizer as bpe
+from support.config import UserError, run
+from support.dataset import DATA_DIR
+from support.files import check_writable, refuse_inputs
 
 source = ""                              # a file, a folder or a glob (quote it in the shell)
 tokenizer = "out/smollm2/tokenizer.json"  # the model's tokenizer (convert.py writes it)
-out = ""                                 # data/<out>/, or a path
+out_dir = ""                             # data/<out_dir>/, or a path
 field = "text"                           # .jsonl: the field holding a document's text
 messages_field = "messages"              # .jsonl: the field holding a conversation
 val_fraction = 0.1                       # of the documents (after de-duplication)
 seed = 1337
-overwrite = False                        # replace a dataset already at --out
+overwrite = False                        # replace a dataset already at --out_dir
 ROLES = ("system", "user", "assistant")
 
 
@@ -128,22 +128,22 @@ def deduplicate(documents):
 
 
 def main():
-    if not source or not out:
-        raise UserError("pass --source=<file, folder or glob> and --out=<dataset name>")
+    if not source or not out_dir:
+        raise UserError("pass --source=<file, folder or glob> and --out_dir=<dataset name>")
     if not 0 < val_fraction < 1:
         raise UserError(f"--val_fraction={val_fraction} must be in (0, 1)")
     encoding, normalize, tok = bpe.model_tokenizer(tokenizer)
-    out_dir = out if os.path.isabs(out) or out.startswith(".") else os.path.join(DATA_DIR, out)
+    dataset_dir = out_dir if os.path.isabs(out_dir) or out_dir.startswith(".") else os.path.join(DATA_DIR, out_dir)
 
     # -- read and check everything before anything is written: the output too (never over another
     # dataset unless asked, never over a file it reads, writable)
     paths = source_files()
-    if os.path.exists(os.path.join(out_dir, "meta.json")) and not overwrite:
-        raise UserError(f"{out_dir} already holds a dataset: choose another --out, or replace it with "
+    if os.path.exists(os.path.join(dataset_dir, "meta.json")) and not overwrite:
+        raise UserError(f"{dataset_dir} already holds a dataset: choose another --out_dir, or replace it with "
                         "--overwrite=True")
-    outputs = [os.path.join(out_dir, f"{name}.bin") for name in ("train", "val", "train.mask", "val.mask")]
-    for output in outputs + [os.path.join(out_dir, "meta.json")]:
-        refuse_inputs(output, paths, "--out")
+    outputs = [os.path.join(dataset_dir, f"{name}.bin") for name in ("train", "val", "train.mask", "val.mask")]
+    for output in outputs + [os.path.join(dataset_dir, "meta.json")]:
+        refuse_inputs(output, paths, "--out_dir")
     check_writable(outputs[0])
     documents = read_documents(paths)
     chat = isinstance(documents[0][1], list)
@@ -182,8 +182,8 @@ def main():
               f"them dropped), {len(ids[split]):,} tokens"
               + (f", {report[split]['answer_tokens']:,} of them in answers" if chat else ""))
     print(f"{len(documents):,} documents read, {len(documents) - len(kept):,} exact duplicates dropped")
-    bpe.write_stream_dataset(out_dir, ids, encoding, os.path.abspath(tokenizer),
-                             {"source": os.path.abspath(source), "language": os.path.basename(out_dir),
+    bpe.write_stream_dataset(dataset_dir, ids, encoding, os.path.abspath(tokenizer),
+                             {"source": os.path.abspath(source), "language": os.path.basename(dataset_dir),
                               "dataset_token": tok["bos"], "documents": report,
                               "duplicates_dropped": len(documents) - len(kept),
                               "format": "chat" if chat else "text"},

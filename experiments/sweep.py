@@ -4,14 +4,14 @@ capacity, and that the learning rate trades forgetting against compute (a trade 
 the method comparison again in the study's own regime (small forgetting, seeds).
 Every point is a plain call of pretrain.py / sample_replay.py / finetune.py with overrides.
 
-    python sweep.py --study=size       # forgetting vs model width, all pretrained to one English loss
-    python sweep.py --study=tpp        # forgetting vs pretraining length (tokens per parameter)
-    python sweep.py --study=mixture    # English/Spanish mixture frontier, Chinchilla vs over-trained
-    python sweep.py --study=lr         # pretraining LR (all to one English loss) x finetuning LR
-    python sweep.py --study=compute    # lower LR vs high LR + growing replay fraction: time to match
-    python sweep.py --study=toy_orders # the toy continual demo in other task orders and seeds
-    python sweep.py --study=methods    # the method comparison in the study's regime: small forgetting, seeds
-    python sweep.py --study=all
+    python experiments/sweep.py --study=size       # forgetting vs model width, all pretrained to one English loss
+    python experiments/sweep.py --study=tpp        # forgetting vs pretraining length (tokens per parameter)
+    python experiments/sweep.py --study=mixture    # English/Spanish mixture frontier, Chinchilla vs over-trained
+    python experiments/sweep.py --study=lr         # pretraining LR (all to one English loss) x finetuning LR
+    python experiments/sweep.py --study=compute    # lower LR vs high LR + growing replay fraction: time to match
+    python experiments/sweep.py --study=toy_orders # the toy continual demo in other task orders and seeds
+    python experiments/sweep.py --study=methods    # the method comparison in the study's regime: small forgetting, seeds
+    python experiments/sweep.py --study=all
 
 Each run lives in its own folder under out/sweeps/, named by its settings, so studies share the
 runs they have in common (the base model is pretrained once). A finished run is skipped and an
@@ -28,7 +28,7 @@ The target is the Spanish loss that a target run (plain finetuning of the study'
 a fixed number of steps) reaches, so every run is compared at the same new-data loss.
 Forgetting = English validation loss at that point minus English loss before finetuning.
 
-Needs the 512-token data: python data/bible/prepare.py --vocab_size=512 --out=bible512
+Needs the 512-token data: python data/bible/prepare.py --vocab_size=512 --out_dir=bible512
 (a 4096-token embedding would hold most of the parameters of a width-32 model).
 """
 import json
@@ -38,12 +38,14 @@ import subprocess
 import sys
 import time
 
-from checkpoint import load_checkpoint_dict
-from config import UserError, apply_overrides, run
-from dataset import load_corpus
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
 from evaluate import at_target
-from files import atomic_write_text, read_jsonl
 from model import paper_parameter_count
+from replay import load_corpus
+from support.checkpoint import load_checkpoint_dict
+from support.config import UserError, apply_overrides, run
+from support.files import atomic_write_text, read_jsonl
 
 study = "all"                   # size, tpp, mixture, lr, compute or all
 out_root = "out/sweeps"
@@ -324,9 +326,8 @@ def mixture_table(result):
         shares = {f["es_share"]: f for f in length["frontier"]}
         english, mixed = shares[0.0], shares.get(0.25)
         def cell(ends, key, shift=0.0, sign=""):   # every seed's end: mean (min..max)
-            values = [e[key] - shift for e in ends]
-            return (f"{sum(values) / len(values):{sign}.3f} ({min(values):{sign}.3f}.."
-                    f"{max(values):{sign}.3f})")
+            mean, low, high = spread([e[key] - shift for e in ends])
+            return f"{mean:{sign}.3f} ({low:{sign}.3f}..{high:{sign}.3f})"
         plain, kl = length["ends"]["plain"], length["ends"]["kl_self"]
         rows.append([f"{label}, {length['tpp']:g} TPP", f"en {english['en_loss']:.3f}, es "
                                                         f"{english['es_loss']:.3f}",
@@ -395,8 +396,8 @@ def replay_coefficients(model_dir, target):
         for seed in ints(coefficient_seeds):
             ft = finetune(model_dir, f"kl{c:g}_to{target:.4f}", target=target, coeff=c, **seed_args(seed))
             runs.append({"seed": seed, **outcome(ft, target)})
-        f = [r["forgetting"] for r in runs]
-        result[f"{c:g}"] = {"forgetting": sum(f) / len(f), "forgetting_min": min(f), "forgetting_max": max(f),
+        mean, low, high = spread([r["forgetting"] for r in runs])
+        result[f"{c:g}"] = {"forgetting": mean, "forgetting_min": low, "forgetting_max": high,
                             "reached": all(r["reached"] for r in runs),
                             "es_after": max(r["es_after"] for r in runs),
                             "replay_passes": max(r["replay_passes"] for r in runs), "seeds": runs}
@@ -473,17 +474,24 @@ def lr_study():
                 "runs_table": rows, "summary": lr_summary(rows)}, lr_table)
 
 
+def spread(values):
+    """(mean, min, max) of one setting's values over its seeds."""
+    return sum(values) / len(values), min(values), max(values)
+
+
 def lr_summary(rows):
     """Per pretraining LR and finetuning LR: forgetting at the Spanish target, mean and range over seeds."""
     groups = {}
     for r in rows:
         groups.setdefault((r["pretrain_lr"], r["finetune_lr"]), []).append(r)
-    return [{"pretrain_lr": plr, "finetune_lr": flr, "seeds": len(g),
-             "en_before": sum(r["en_before"] for r in g) / len(g),
-             "forgetting": sum(r["forgetting"] for r in g) / len(g),
-             "forgetting_min": min(r["forgetting"] for r in g), "forgetting_max": max(r["forgetting"] for r in g),
-             "steps": sum(r["steps"] for r in g) / len(g),
-             "all_reached": all(r["reached"] for r in g)} for (plr, flr), g in sorted(groups.items())]
+    summary = []
+    for (plr, flr), g in sorted(groups.items()):
+        mean, low, high = spread([r["forgetting"] for r in g])
+        summary.append({"pretrain_lr": plr, "finetune_lr": flr, "seeds": len(g),
+                        "en_before": spread([r["en_before"] for r in g])[0],
+                        "forgetting": mean, "forgetting_min": low, "forgetting_max": high,
+                        "steps": spread([r["steps"] for r in g])[0], "all_reached": all(r["reached"] for r in g)})
+    return summary
 
 
 def compute_study():
@@ -655,10 +663,10 @@ def methods_summary(runs):
     for method in dict.fromkeys(r["method"] for r in runs):
         group = [r for r in runs if r["method"] == method]
         f = [r["forgetting"] for r in group]
-        mean = sum(f) / len(f)
+        mean, low, high = spread(f)
         std = math.sqrt(sum((x - mean) ** 2 for x in f) / (len(f) - 1)) if len(f) > 1 else 0.0
-        summary.append({"method": method, "seeds": len(f), "forgetting": mean, "std": std, "min": min(f),
-                        "max": max(f), "steps": sum(r["steps"] for r in group) / len(group),
+        summary.append({"method": method, "seeds": len(f), "forgetting": mean, "std": std, "min": low,
+                        "max": high, "steps": spread([r["steps"] for r in group])[0],
                         "en_before": group[0]["en_before"], "reached": sum(r["reached"] for r in group)})
     return summary
 
@@ -726,5 +734,5 @@ def main():
 
 
 if __name__ == "__main__":
-    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: scripts run by their paths from there
     run(main, globals())

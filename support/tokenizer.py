@@ -37,7 +37,7 @@ from collections import Counter
 import numpy as np
 import tiktoken
 
-from files import atomic_path, atomic_write_text
+from support.files import atomic_path, atomic_write_text
 
 # tiktoken's pattern (Rust regex, Unicode classes) and the nearest Python `re` equivalent used
 # when counting chunks for training; the two agree on ordinary letters, digits and punctuation.
@@ -260,7 +260,7 @@ def write_stream_dataset(out_dir, ids, encoding, tok_path, fields, masks=None):
 def model_tokenizer(path):
     """released_encoding of a prepare script's --tokenizer, where a missing or unusable file is
     bad input (one line, exit 2) rather than an error of the program."""
-    from config import UserError
+    from support.config import UserError
     if not os.path.exists(path):
         raise UserError(f"--tokenizer={path} not found: run convert.py first")
     try:

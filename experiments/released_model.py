@@ -14,10 +14,10 @@ Forgetting, read for every method at exactly the target (interpolated between th
 around it), is measured on held-out English chapters (loss, and KL to the reference) and on
 held-out self-generated samples (KL to the reference).
 
-    pip install -r requirements-released.txt
+    pip install -r experiments/requirements-released.txt
     apt-get install -y --no-install-recommends sword-text-web sword-text-sparv
-    python released_model.py                   # CPU profile: 30 min on 2 cores (AMD EPYC, AVX-512)
-    python released_model.py --profile=gpu     # longer sequences, larger batches, more steps
+    python experiments/released_model.py                   # CPU profile: 30 min on 2 cores (AMD EPYC, AVX-512)
+    python experiments/released_model.py --profile=gpu     # longer sequences, larger batches, more steps
 
 Every stage is a plain call of convert.py, data/bible/prepare.py, sample_replay.py, finetune.py
 and plot.py, printed as it runs; a stage whose output exists is skipped and an
@@ -30,10 +30,12 @@ import subprocess
 import sys
 import time
 
-from checkpoint import load_checkpoint_dict
-from config import UserError, apply_overrides, pick_device, pick_dtype, run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: model.py, support/
+
 from evaluate import at_target, time_split
-from files import atomic_write_text, read_jsonl, write_json
+from support.checkpoint import load_checkpoint_dict
+from support.config import UserError, apply_overrides, pick_device, pick_dtype, run
+from support.files import atomic_write_text, read_jsonl, write_json
 
 profile = "cpu"
 out_root = "out/released"
@@ -103,16 +105,16 @@ def main():
     global dtype
     dtype = pick_dtype(dtype, pick_device(device))
     print(f"dtype: {dtype} (bfloat16 only where this machine multiplies in it fast)")
-    stages = Stages(out_root, "released_model.py", again=("plot",))
+    stages = Stages(out_root, "experiments/released_model.py", again=("plot",))
     launch, timings = stages.launch, stages.timings
     ckpt = os.path.join(model_dir, "ckpt.pt")
     en, es = f"{data_name}/en", f"{data_name}/es"
 
     # the model and the data, in the model's own tokenizer
     if not os.path.exists(ckpt):
-        launch("convert.py", {"out_dir": model_dir}, "convert")
+        launch("experiments/convert.py", {"out_dir": model_dir}, "convert")
     if not os.path.exists(os.path.join("data", es, "meta.json")):
-        launch("data/bible/prepare.py", {"tokenizer": os.path.join(model_dir, "tokenizer.json"), "out": data_name},
+        launch("data/bible/prepare.py", {"tokenizer": os.path.join(model_dir, "tokenizer.json"), "out_dir": data_name},
                "prepare")
 
     # self-generated replay: BOS-prompted, temperature 1, no top-k, full length. One corpus for
@@ -203,5 +205,5 @@ def main():
 
 
 if __name__ == "__main__":
-    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: scripts run by their paths from there
     run(main, globals())

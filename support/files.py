@@ -22,7 +22,7 @@ import urllib.request
 
 import torch
 
-from config import UserError
+from support.config import UserError
 
 
 def _start_time(pid):

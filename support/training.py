@@ -1,6 +1,7 @@
 """
 The training loop's shared parts (pretrain.py and finetune.py): the learning-rate schedule, when a
-run ends, and the run's log, whose guard stops a diverging run before it writes anything.
+run ends (Stopping), the tail of every step: evaluate, save, stop (Evaluations), and the run's
+log, whose guard stops a diverging run before it writes anything.
 """
 import json
 import math
@@ -9,8 +10,9 @@ import time
 
 from tqdm import tqdm
 
-from config import ON_OUT_OF_MEMORY, UserError, memory_bytes
-from files import append_jsonl, atomic_write_text, read_jsonl
+from support.config import ON_OUT_OF_MEMORY, UserError, memory_bytes
+from support.distributed import from_rank0
+from support.files import append_jsonl, atomic_write_text, read_jsonl
 
 
 def check_step_fits(config, n_params, rows, T, device, fix="use a smaller --batch_size"):
@@ -27,14 +29,14 @@ def check_step_fits(config, n_params, rows, T, device, fix="use a smaller --batc
                         f"than this machine's {memory_bytes() / 2**30:.1f} GiB: {fix}")
 
 
-def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=0.0, cooldown_from=None,
+def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=0.0, target_reached_at=None,
           cooldown_steps=0):
     """Linear warmup to peak_lr, then constant or cosine decay to min_lr at total_steps. A run that
-    reached its target at step cooldown_from cools down: from there the rate falls linearly from
+    reached its target at step target_reached_at cools down: from there the rate falls linearly from
     where the schedule had it to 0 over cooldown_steps steps (the run ends at the last of them)."""
-    if cooldown_from is not None and step >= cooldown_from:
-        return (lr_at(cooldown_from, total_steps, peak_lr, warmup_steps, schedule, min_lr)
-                * (run_end(total_steps, cooldown_from, cooldown_steps) - step) / (cooldown_steps + 1))
+    if target_reached_at is not None and step >= target_reached_at:
+        return (lr_at(target_reached_at, total_steps, peak_lr, warmup_steps, schedule, min_lr)
+                * (run_end(total_steps, target_reached_at, cooldown_steps) - step) / (cooldown_steps + 1))
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -43,10 +45,64 @@ def lr_at(step, total_steps, peak_lr, warmup_steps, schedule="constant", min_lr=
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def run_end(total_steps, cooldown_from, cooldown_steps):
-    """The step a run ends at: total_steps, or cooldown_steps after the target reached at
-    cooldown_from (cooldown_from = total_steps while none is)."""
-    return min(total_steps, cooldown_from + cooldown_steps)
+def run_end(total_steps, target_reached_at, cooldown_steps):
+    """The step a run ends at: total_steps, or cooldown_steps after the step its target was reached at
+    (None: not reached)."""
+    return total_steps if target_reached_at is None else min(total_steps, target_reached_at + cooldown_steps)
+
+
+class Stopping:
+    """When a run ends, and the learning rate on the way: at total_steps, or, once its target is
+    reached (target_reached_at, None until then; `reason` says which target), cooldown_steps later,
+    the rate falling linearly to 0 meanwhile. A resumed run continues with the saved target_reached_at."""
+
+    def __init__(self, total_steps, cooldown_steps, target_reached_at=None, reason=None):
+        self.total_steps, self.cooldown_steps = total_steps, cooldown_steps
+        self.target_reached_at, self.reason = target_reached_at, reason
+
+    @property
+    def last_step(self):
+        return run_end(self.total_steps, self.target_reached_at, self.cooldown_steps)
+
+    def lr(self, step, peak_lr, warmup_steps, schedule, min_lr=0.0):
+        return lr_at(step, self.total_steps, peak_lr, warmup_steps, schedule, min_lr, self.target_reached_at,
+                     self.cooldown_steps)
+
+
+class Evaluations:
+    """The tail of every training step, shared by pretrain.py and finetune.py. Every eval_interval
+    steps and at the run's last step, the processes that evaluate (rank 0; every process of a sharded
+    run) measure and log (evaluate(steps, losses) -> the record), start the cooldown where a record
+    first reaches the target (target_reached(record) -> the target's name, or None) and save
+    (save(steps, finished)); then every process follows rank 0's decision."""
+
+    def __init__(self, eval_interval, stopping, evaluate, target_reached, save, world_size, evaluates=True,
+                 is_main=True):
+        self.eval_interval, self.stopping, self.world_size = eval_interval, stopping, world_size
+        self.evaluate, self.target_reached, self.save = evaluate, target_reached, save
+        self.evaluates, self.is_main = evaluates, is_main
+        self.record = None   # the last evaluation's numbers (on the processes that evaluate)
+
+    def after_step(self, steps, losses):
+        """Evaluate and save if `steps` steps done call for it. Returns whether the run is finished."""
+        stopping = self.stopping
+        if steps % self.eval_interval and steps != stopping.last_step:
+            return False
+        finished = False
+        if self.evaluates:
+            self.record = self.evaluate(steps, losses)   # checked for divergence before it is logged
+            reason = self.target_reached(self.record)
+            if reason and stopping.target_reached_at is None:
+                stopping.target_reached_at, stopping.reason = steps, reason
+                if self.is_main:
+                    tqdm.write(f"{reason} reached at step {steps}"
+                               + (f"; {stopping.cooldown_steps} steps of cooldown" if stopping.cooldown_steps else ""))
+            finished = steps >= stopping.last_step
+            self.save(steps, finished)
+        reached_at, finished = from_rank0([-1 if stopping.target_reached_at is None else stopping.target_reached_at,
+                                           finished], self.world_size)
+        stopping.target_reached_at = None if reached_at < 0 else reached_at
+        return bool(finished)
 
 
 def max_weight(model):
