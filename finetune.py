@@ -41,7 +41,7 @@ from support.dataset import Dataset, check_compatible, check_short_names, datase
 from support.distributed import finish_distributed, global_mean, rank0_only, setup_distributed, shard
 from support.files import claim_out_dir, input_fingerprints
 from support.progress import progress_bar
-from support.training import Evaluations, Stopping, TrainingLog, check_step_fits, run_end
+from support.training import Evaluations, Stopping, TrainingLog, check_step_fits
 
 # -- I/O
 init_from = "out/pretrain_add/ckpt.pt"
@@ -345,11 +345,7 @@ def main():
         @torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=eval_dtype == "bfloat16")
         def measure():
             numbers = log_names(evaluate_sets(model, tracked, T, eval_sequences, dev, kl_to, reference_cache))
-            # does the run end here? (a target reached now starts the cooldown, if none has started)
-            reached_at = stopping.target_reached_at
-            if reached_at is None and target_reached(numbers):
-                reached_at = step
-            ends = step >= run_end(max_steps, reached_at, cooldown_steps)
+            ends = stopping.ends_after(step, target_reached(numbers))   # does the run end here?
             if costly and step and (ends or bench_interval and step % bench_interval == 0):
                 if sharded:   # a benchmark is scored by hidden() and unembed, not by a whole forward
                     model.unshard()   # pass: gather the top-level weights (the blocks gather their own)

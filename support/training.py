@@ -64,6 +64,12 @@ class Stopping:
     def last_step(self):
         return run_end(self.total_steps, self.target_reached_at, self.cooldown_steps)
 
+    def ends_after(self, steps, reached):
+        """Does the run end once `steps` steps are done, if `reached` (a target met there) starts the
+        cooldown, as it does when none has started?"""
+        reached_at = steps if reached and self.target_reached_at is None else self.target_reached_at
+        return steps >= run_end(self.total_steps, reached_at, self.cooldown_steps)
+
     def lr(self, step, peak_lr, warmup_steps, schedule, min_lr=0.0):
         return lr_at(step, self.total_steps, peak_lr, warmup_steps, schedule, min_lr, self.target_reached_at,
                      self.cooldown_steps)
@@ -92,12 +98,12 @@ class Evaluations:
         if self.evaluates:
             self.record = self.evaluate(steps, losses)   # checked for divergence before it is logged
             reason = self.target_reached(self.record)
+            finished = stopping.ends_after(steps, reason)
             if reason and stopping.target_reached_at is None:
                 stopping.target_reached_at, stopping.reason = steps, reason
                 if self.is_main:
                     tqdm.write(f"{reason} reached at step {steps}"
                                + (f"; {stopping.cooldown_steps} steps of cooldown" if stopping.cooldown_steps else ""))
-            finished = steps >= stopping.last_step
             self.save(steps, finished)
         reached_at, finished = from_rank0([-1 if stopping.target_reached_at is None else stopping.target_reached_at,
                                            finished], self.world_size)
